@@ -1,0 +1,91 @@
+"""The single value that flows through every stage: index maps + COO arrays + timestamps."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True, eq=False)
+class Interactions:
+    """User-item interactions with external string ids mapped to int32 indices.
+
+    `user_ids[i]` is the external id of user index i (likewise items). Ratings are float32 (NaN-free;
+    None when the data has no ratings), timestamps int64 Unix seconds. `titles` maps external item id
+    to a title when the source knows it.
+    """
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray | None
+    timestamps: np.ndarray
+    name: str = "data"
+    titles: dict[str, str] | None = None
+    duplicates_removed: int = 0
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        if not (len(self.items) == len(self.timestamps) == n and (self.ratings is None or len(self.ratings) == n)):
+            raise ValueError("Interactions arrays must have equal length")
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def has_ratings(self) -> bool:
+        return self.ratings is not None
+
+    def csr(self, values: np.ndarray | None = None, shape: tuple[int, int] | None = None) -> sp.csr_matrix:
+        """User x item CSR (float32); values default to ratings, or ones without ratings."""
+        if values is None:
+            values = self.ratings if self.ratings is not None else np.ones(len(self), np.float32)
+        shape = shape or (self.n_users, self.n_items)
+        m = sp.csr_matrix((values.astype(np.float32), (self.users, self.items)), shape=shape)
+        m.sort_indices()
+        return m
+
+    @cached_property
+    def matrix(self) -> sp.csr_matrix:
+        """The ratings (or ones) CSR, built once and shared by every model."""
+        return self.csr()
+
+    @cached_property
+    def digest(self) -> str:
+        """Content hash (ids, pairs, ratings, timestamps): identifies the dataset in lineage tags."""
+        h = hashlib.sha256()
+        for ids in (self.user_ids, self.item_ids):
+            h.update("\x1f".join(map(str, ids)).encode())
+        for arr in (self.users, self.items, self.timestamps, self.ratings):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:16]
+
+    def to_frame(self) -> pd.DataFrame:
+        """External view: user_id, item_id (strings), rating (if any), timestamp (int seconds)."""
+        frame = pd.DataFrame(
+            {
+                "user_id": self.user_ids[self.users].astype(str),
+                "item_id": self.item_ids[self.items].astype(str),
+            }
+        )
+        if self.ratings is not None:
+            frame["rating"] = self.ratings
+        frame["timestamp"] = self.timestamps
+        return frame

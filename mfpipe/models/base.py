@@ -1,0 +1,154 @@
+"""The protocol every recommender implements, and the shared machinery behind it.
+
+A model learns from the train `Interactions` (its compact index space) and scores every train item for
+a batch of users with matrix algebra. `recommend` adds what every model shares: train-seen items
+excluded, top-k, and the popularity fallback for users the model does not know (index -1 or beyond
+the train users).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict
+
+from mfpipe.data.interactions import Interactions
+from mfpipe.errors import MfpipeError
+from mfpipe.ranking import exclude_seen as _exclude_seen
+from mfpipe.ranking import top_k
+
+
+class ModelParams(BaseModel):
+    """Base of every model's typed hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Recommender(ABC):
+    """fit(train) -> self; recommend(users, k, exclude_seen) -> (items, scores); save/load."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[ModelParams]] = ModelParams
+
+    def __init__(self, params: ModelParams | None = None, **overrides: Any) -> None:
+        base = params.model_dump() if params is not None else {}
+        self.params = self.Params.model_validate({**base, **overrides})
+        self.seen: sp.csr_matrix | None = None
+        self.popularity: np.ndarray | None = None
+        self.history: dict[str, list[float]] = {}
+
+    # -- what each model provides -------------------------------------------------------------------
+    @abstractmethod
+    def _fit(self, train: Interactions, validation: Any = None) -> None:
+        """Learn the model's state from train (validation, when given, is for early stopping)."""
+
+    @abstractmethod
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """float32 scores (len(users), n_items) for known (warm) user indices."""
+
+    @abstractmethod
+    def _state(self) -> dict[str, np.ndarray]:
+        """Learned arrays to persist (beyond seen/popularity, which the base class keeps)."""
+
+    @abstractmethod
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what `_state` returned."""
+
+    # -- shared behaviour ---------------------------------------------------------------------------
+    def fit(self, train: Interactions, validation: Any = None) -> Self:
+        if len(train) == 0 or train.n_users == 0 or train.n_items == 0:
+            raise MfpipeError(f"{self.name}: cannot train on empty data")
+        self.seen = train.matrix
+        self.popularity = np.bincount(train.items, minlength=train.n_items).astype(np.float32)
+        self._fit(train, validation)
+        return self
+
+    @property
+    def n_users(self) -> int:
+        return self._fitted_seen().shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self._fitted_seen().shape[1]
+
+    def _fitted_seen(self) -> sp.csr_matrix:
+        if self.seen is None:
+            raise MfpipeError(f"{self.name}: model is not fitted")
+        return self.seen
+
+    def recommend(
+        self, users: np.ndarray, k: int = 10, exclude_seen: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item indices (int32, -1 padded) and scores (float32) per user; unknown users get popularity."""
+        users = np.asarray(users, dtype=np.int64)
+        known = (users >= 0) & (users < self.n_users)
+        scores = np.empty((len(users), self.n_items), np.float32)
+        if known.any():
+            scores[known] = self.score(users[known])
+        if (~known).any():
+            scores[~known] = self.popularity
+        if exclude_seen and known.any():
+            rows = np.flatnonzero(known)
+            block = scores[rows]
+            _exclude_seen(block, users[known], self.seen)
+            scores[rows] = block
+        return top_k(scores, k)
+
+    def save(self, path: Path) -> Path:
+        """Persist params and state as one .npz (no pickle)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seen = self._fitted_seen()
+        arrays = {f"state__{k}": v for k, v in self._state().items()}
+        np.savez(
+            path,
+            meta=np.frombuffer(json.dumps({"name": self.name, "params": self.params.model_dump()}).encode(), np.uint8),
+            seen_indptr=seen.indptr,
+            seen_indices=seen.indices,
+            seen_shape=np.array(seen.shape),
+            popularity=self.popularity,
+            **arrays,
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes())
+            if meta["name"] != cls.name:
+                raise MfpipeError(f"{path}: holds a '{meta['name']}' model, not '{cls.name}'")
+            model = cls(**meta["params"])
+            shape = tuple(data["seen_shape"])
+            indices = data["seen_indices"]
+            model.seen = sp.csr_matrix((np.ones(len(indices), np.float32), indices, data["seen_indptr"]), shape=shape)
+            model.popularity = data["popularity"]
+            model._set_state({k[len("state__") :]: data[k] for k in data.files if k.startswith("state__")})
+        return model
+
+
+
+
+class FactorModel(Recommender):
+    """A model whose score is user_factors @ item_factors.T + item_bias (+ user_bias + offset)."""
+
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    item_bias: np.ndarray
+
+    def score(self, users: np.ndarray) -> np.ndarray:
+        scores = self.user_factors[users] @ self.item_factors.T
+        scores += self.item_bias[None, :]
+        return scores.astype(np.float32, copy=False)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"user_factors": self.user_factors, "item_factors": self.item_factors, "item_bias": self.item_bias}
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.user_factors = state["user_factors"]
+        self.item_factors = state["item_factors"]
+        self.item_bias = state["item_bias"]
