@@ -99,3 +99,393 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("mfpipe: interrupted", err=True)
         sys.exit(130)
+
+
+# -- evaluate --
+@app.command()
+def evaluate(
+    recs: Annotated[Path, typer.Option("--recs", help="Recommendations CSV: user_id,item_id,rank.")],
+    truth: Annotated[Path, typer.Option("--truth", help="Relevant items CSV: user_id,item_id.")],
+    k: Annotated[int, typer.Option("--k", help="Cutoff: ranks > k are ignored.")] = 10,
+) -> None:
+    """Ranking metrics of a recommendations file against a relevance file; prints JSON only."""
+    from mfpipe.evaluation import evaluate_files_json
+
+    typer.echo(evaluate_files_json(recs, truth, k))
+
+
+# -- validate --
+DataArg = Annotated[str, typer.Argument(help="A file or folder, a source name (ml-100k, …) or synthetic[:N].")]
+
+
+@app.command()
+def validate(
+    data: DataArg,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    rating_col: RatingCol = None,
+    timestamp_col: TimestampCol = None,
+    sep: Sep = None,
+    rating_min: RatingMin = None,
+    rating_max: RatingMax = None,
+    protocol: Protocol = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the GX result JSON and Data Docs here.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
+    config: ConfigFile = None,
+) -> None:
+    """Would `mfpipe run` accept DATA? Parse, the GX suite, split feasibility; exit 0 yes, 2 no."""
+    import json
+
+    from mfpipe.config import load_config
+    from mfpipe.validation import check_data
+
+    cfg = load_config(
+        config,
+        overrides={
+            "data": data,
+            "data_options": data_overrides(user_col, item_col, rating_col, timestamp_col, sep, rating_min, rating_max),
+            "split": split_overrides(protocol=protocol),
+        },
+    )
+    check = check_data(cfg)
+    written = check.report.write(out) if out is not None else {}
+    if json_:
+        typer.echo(json.dumps({**check.to_json(), "written": {k: str(v) for k, v in written.items()}}))
+    else:
+        _print_check(check, written)
+    raise typer.Exit(0 if check.ok else 2)
+
+
+def _print_check(check: Any, written: dict[str, Path]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    console.print(check.report.table())
+    if check.split is not None:
+        _print_split(check.split, console)
+    else:
+        console.print(f"[red]split not feasible:[/] {check.split_error}")
+    for name, path in written.items():
+        console.print(f"wrote {name}: {path}")
+    console.print("[green]OK: mfpipe run would accept this data[/]" if check.ok else "[red]NOT OK[/]")
+
+
+def _print_split(summary: Any, console: Any) -> None:
+    console.print(summary.table())
+    for warning in summary.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+# -- split --
+@app.command()
+def split(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.csv, validation.csv, test.csv, split.json.")],
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    rating_col: RatingCol = None,
+    timestamp_col: TimestampCol = None,
+    sep: Sep = None,
+    rating_min: RatingMin = None,
+    rating_max: RatingMax = None,
+    protocol: Protocol = None,
+    cutoff_quantile: CutoffQuantile = None,
+    cutoff: Cutoff = None,
+    test_quantile: TestQuantile = None,
+    relevance_threshold: RelevanceThreshold = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random protocols [42].")] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Split DATA (default: global temporal cutoff) and write the parts and split.json into --out."""
+    from rich.console import Console
+
+    from mfpipe.config import load_config
+    from mfpipe.split import split_data
+
+    cfg = load_config(
+        config,
+        overrides={
+            "data": data,
+            "data_options": data_overrides(user_col, item_col, rating_col, timestamp_col, sep, rating_min, rating_max),
+            "split": split_overrides(protocol, cutoff_quantile, cutoff, test_quantile, relevance_threshold, seed),
+        },
+    )
+    result = split_data(cfg, out)
+    console = Console()
+    _print_split(result.summary, console)
+    console.print(f"wrote {out}")
+
+
+# -- deploy --
+@app.command()
+def deploy(
+    cron: Annotated[str, typer.Option("--cron", help="When to retrain (cron, in --timezone).")] = "0 3 * * *",
+    timezone: Annotated[str, typer.Option("--timezone", help="IANA time zone of --cron.")] = "UTC",
+    work_pool: Annotated[
+        str | None,
+        typer.Option("--work-pool", help="Register to this process work pool (e.g. mfpipe) instead of serving here."),
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Data of the scheduled runs [synthetic:100k].")] = None,
+    models: Annotated[str | None, typer.Option("--models", help="Comma-separated: svd,als,bpr,pop.")] = None,
+    skip_unchanged: Annotated[
+        bool, typer.Option("--skip-unchanged", help="Skip a run when the data digest equals the last run's.")
+    ] = False,
+    config: ConfigFile = None,
+) -> None:
+    """Deployment retrain/scheduled: serve it here (Ctrl-C stops), or register it for `prefect worker start`."""
+    from flows import deploy as deployment
+    from mfpipe.config import load_config
+
+    cfg = load_config(config, overrides={"data": data, "models": models, "skip_unchanged": skip_unchanged or None})
+    if work_pool is None:
+        typer.echo(f"Serving retrain/scheduled (cron {cron!r}, {timezone}); Ctrl-C stops serving, the schedule stays.")
+        deployment.serve(cfg, cron, timezone)
+        return
+    deployed = deployment.register(cfg, cron, timezone, work_pool)
+    typer.echo(f"Deployment {deployed.name} ({deployed.deployment_id}): cron {cron!r} {timezone}, pool {work_pool!r}")
+    typer.echo(f"Run it with a worker: prefect worker start --pool {work_pool}")
+
+
+# -- up --
+@app.command()
+def up(
+    prefect_port: Annotated[int, typer.Option("--prefect-port", help="Port of the Prefect server.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="Port of the MLflow UI.")] = 5000,
+    config: ConfigFile = None,
+) -> None:
+    """Start a local Prefect server and the MLflow UI on 127.0.0.1 (project's store); Ctrl-C stops both."""
+    from mfpipe import services, tracking
+    from mfpipe.config import load_config
+
+    store = tracking.open_store(load_config(config).tracking_uri)
+    artifacts = store.artifact_root or Path("mlruns/artifacts")
+
+    def ready(result: services.UpResult) -> None:
+        prefect, mlflow = result.services
+        typer.echo(f"Prefect UI  {prefect.url}    (API {services.prefect_api_url(prefect)})")
+        typer.echo(f"MLflow UI   {mlflow.url}    (store {store.uri})")
+        typer.echo(f"Both answered in {result.seconds_to_healthy:.1f} s. In another shell:")
+        typer.echo(f"  export PREFECT_API_URL={services.prefect_api_url(prefect)}")
+        typer.echo("Ctrl-C stops both.")
+
+    typer.echo(f"Starting the Prefect server and the MLflow UI (logs in {services.UP_LOG_DIR}) ...")
+    services.up(prefect_port, mlflow_port, store.uri, artifacts, services.UP_LOG_DIR, ready)
+    typer.echo("Stopped the Prefect server and the MLflow UI.")
+
+
+# -- bench --
+@app.command()
+def bench(
+    only: Annotated[str | None, typer.Option("--only", help="Run only this benchmark (bpr, evaluation, ...).")] = None,
+    json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Benchmarks against the peer libraries: ratio per case (ours vs peer, same run), target and pass."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from mfpipe.bench import runner
+
+    benchmarks = runner.select(only)
+    console = Console()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        tasks = {name: bar.add_task(f"{name}: waiting", total=None) for name in benchmarks}
+        result = runner.run(benchmarks, lambda name, message: bar.update(tasks[name], description=f"{name}: {message}"))
+    table = Table("benchmark", "case", "ours", "peer", "unit", "ratio", "target", "pass", title="mfpipe bench")
+    for r in result.results:
+        passed = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[r.passed]
+        target = "-" if r.target is None else f">= {r.target:g}x"
+        table.add_row(r.benchmark, r.case, f"{r.ours:.4g}", f"{r.peer:.4g}", r.unit, f"{r.ratio:.2f}x", target, passed)
+    console.print(table)
+    for name, error in result.errors.items():
+        console.print(f"[red]{name} failed:[/] {error}")
+    if json_report is not None:
+        runner.write_report(result, json_report)
+        console.print(f"wrote {json_report}")
+    if result.errors:
+        raise MfpipeError(f"benchmark(s) failed: {', '.join(result.errors)}", exit_code=1)
+
+
+# -- run --
+ModelsOpt = Annotated[str | None, typer.Option("--models", help="Comma-separated: svd,als,bpr,pop [all].")]
+DatasetOpt = Annotated[
+    str | None, typer.Option("--dataset", help="Dataset name of the registered model [the default data's].")
+]
+
+
+@app.command()
+def run(
+    data: Annotated[str | None, typer.Option("--data", help="File/folder, source name or synthetic[:N].")] = None,
+    config: ConfigFile = None,
+    models: ModelsOpt = None,
+    protocol: Protocol = None,
+    cutoff_quantile: CutoffQuantile = None,
+    cutoff: Cutoff = None,
+    test_quantile: TestQuantile = None,
+    relevance_threshold: RelevanceThreshold = None,
+    k: Annotated[int | None, typer.Option("--k", help="Cutoff of the ranking metrics [10].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of splits and models [42].")] = None,
+    task_runner: Annotated[str | None, typer.Option("--task-runner", help="thread | dask [thread].")] = None,
+    dask_address: Annotated[str | None, typer.Option("--dask-address", help="Dask scheduler, tcp://host:port.")] = None,
+    json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the run report (JSON) here.")] = None,
+    user_col: UserCol = None,
+    item_col: ItemCol = None,
+    rating_col: RatingCol = None,
+    timestamp_col: TimestampCol = None,
+    sep: Sep = None,
+    rating_min: RatingMin = None,
+    rating_max: RatingMax = None,
+) -> None:
+    """Run the retraining flow: validate, split, train all models in parallel, register, promote `champion`."""
+    import json
+    import os
+
+    from mfpipe.config import load_config
+
+    cfg = load_config(
+        config,
+        overrides={
+            "data": data, "models": models, "k": k, "seed": seed, "task_runner": task_runner,
+            "dask_address": dask_address,
+            "data_options": data_overrides(user_col, item_col, rating_col, timestamp_col, sep, rating_min, rating_max),
+            "split": split_overrides(protocol, cutoff_quantile, cutoff, test_quantile, relevance_threshold, seed),
+        },
+    )  # fmt: skip
+    # The ephemeral Prefect API starts in ~10 s, slower on a busy machine: give it room before failing.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.retrain import run as run_flow
+
+    outcome = run_flow(cfg)
+    if json_report is not None:
+        json_report.parent.mkdir(parents=True, exist_ok=True)
+        json_report.write_text(json.dumps(outcome.report, indent=2))
+    _print_outcome(outcome, cfg.k, json_report)
+
+
+def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    report = outcome.report
+    champion = report["champion"]
+    metrics = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}"]
+    headers = [f"NDCG@{k}", f"P@{k}", f"R@{k}", f"MAP@{k}"]
+    title = f"{report['dataset']['name']}: validation, warm users"
+    table = Table("model", *headers, "train s", "version", "status", title=title)
+    for m in sorted(report["models"], key=lambda m: -(m["metrics"].get(f"ndcg@{k}") or -1.0)):
+        values = [f"{m['metrics'][name]:.4f}" if m["metrics"].get(name) is not None else "-" for name in metrics]
+        status = "[green]ok[/]" if m["status"] == "ok" else f"[red]failed[/]: {m['error']}"
+        seconds = "-" if m["train_seconds"] is None else f"{m['train_seconds']:.1f}"
+        marker = " *" if m["version"] is not None and m["version"] == champion["after"]["version"] else ""
+        table.add_row(m["model"] + marker, *values, seconds, m["version"] or "-", status)
+    console.print(table)
+    verdict = "[green]promoted[/]" if champion["promoted"] else "kept"
+    console.print(f"champion of {champion['registered_model']}: v{champion['after']['version']} ({verdict})")
+    console.print(f"  {champion['reason']}")
+    console.print(
+        f"training: {outcome.train_wall_seconds:.1f} s wall for {outcome.train_sum_seconds:.1f} s of model fitting"
+    )
+    if outcome.test_ndcg is not None:
+        console.print(f"champion on the test slice: ndcg@{k} {outcome.test_ndcg:.4f}")
+    if json_report is not None:
+        console.print(f"report: {json_report}")
+    console.print(f"MLflow run: {outcome.parent_run_link}  (UI: {outcome.ui_command})")
+
+
+# -- recommend --
+def _registered_model(dataset: str | None, config: Path | None) -> tuple[Any, str]:
+    """The store and the registered model name for `--dataset` (default: the default data's name)."""
+    from mfpipe import tracking
+    from mfpipe.config import load_config
+
+    cfg = load_config(config)
+    store = tracking.open_store(cfg.tracking_uri)
+    if dataset is None:
+        from mfpipe.pipeline import dataset_name
+
+        dataset = dataset_name(cfg.data)
+    return store, tracking.registered_model_name(dataset, cfg.registered_model)
+
+
+@app.command()
+def recommend(
+    user: Annotated[str, typer.Option("--user", help="External user id.")],
+    k: Annotated[int, typer.Option("--k", help="How many items.")] = 10,
+    dataset: DatasetOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    config: ConfigFile = None,
+) -> None:
+    """Top-k items for a user from the `champion` (popularity for a user it has never seen)."""
+    import json
+
+    from mfpipe import serving, tracking
+
+    store, name = _registered_model(dataset, config)
+    with tracking.tracking_errors(store):
+        frame = serving.recommend_for(serving.champion_uri(name), user, k)
+    if json_:
+        rows = frame.drop(columns="user_id").to_dict(orient="records")
+        typer.echo(json.dumps({"user_id": user, "registered_model": name, "k": k, "items": rows}))
+        return
+    for row in frame.itertuples():
+        title = f"  {row.title}" if row.title else ""
+        typer.echo(f"{row.rank:>3}. {row.item_id}  {row.score:.4f}{title}")
+
+
+# -- champion --
+@app.command()
+def champion(dataset: DatasetOpt = None, config: ConfigFile = None) -> None:
+    """Show the `champion` (and `challenger`) of a dataset's registered model with their lineage."""
+    from mfpipe import tracking
+
+    store, name = _registered_model(dataset, config)
+    with tracking.tracking_errors(store):
+        shown = {a: tracking.alias_version(store, name, a) for a in (tracking.CHAMPION, tracking.CHALLENGER)}
+    if shown[tracking.CHAMPION] is None:
+        raise MfpipeError(f"{name}: no champion yet in {store.uri} (run `mfpipe run` first)")
+    for alias, version in shown.items():
+        if version is not None:
+            typer.echo(f"{alias}: {name} v{version.version} (run {version.run_id})")
+            for key, value in sorted(version.tags.items()):
+                typer.echo(f"  {key}: {value}")
+
+
+# -- promote --
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Option("--version", help="Make this version the champion.")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Back to the previous champion.")] = False,
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded on the version).")] = "",
+    dataset: DatasetOpt = None,
+    config: ConfigFile = None,
+) -> None:
+    """Move `champion` by hand (`--version N` or `--rollback`); the reason is recorded."""
+    from mfpipe import tracking
+
+    if (version is None) == (not rollback):
+        raise MfpipeError("give exactly one of --version N or --rollback")
+    store, name = _registered_model(dataset, config)
+    decision = tracking.set_champion_by_hand(store, name, version, reason, rollback=rollback)
+    typer.echo(f"champion of {name}: v{decision.before_version} -> v{decision.after_version} ({decision.reason})")
+
+
+# -- serve --
+@app.command()
+def serve(
+    dataset: DatasetOpt = None,
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 5001,
+    config: ConfigFile = None,
+) -> None:
+    """Serve the champion over HTTP (`mlflow models serve`, POST /invocations) on 127.0.0.1."""
+    import subprocess
+
+    from mfpipe import serving, tracking
+
+    store, name = _registered_model(dataset, config)
+    with tracking.tracking_errors(store):
+        if tracking.alias_version(store, name, tracking.CHAMPION) is None:
+            raise MfpipeError(f"{name}: no champion to serve in {store.uri} (run `mfpipe run` first)")
+    typer.echo(f"Serving {serving.champion_uri(name)} on http://127.0.0.1:{port}/invocations (Ctrl-C stops)")
+    code = subprocess.call(serving.serve_command(serving.champion_uri(name), port), env=serving.serve_env(store.uri))
+    raise typer.Exit(code)

@@ -35,6 +35,8 @@ class DataOptions(_Section):
     sep: str | None = None
     rating_min: float = 0.5
     rating_max: float = 5.0
+    #: Where MovieLens archives are downloaded from (a mirror, or a local server in tests).
+    movielens_url: str = "https://files.grouplens.org/datasets/movielens/"
 
 
 class SplitOptions(_Section):
@@ -64,7 +66,10 @@ class Config(_Section):
     tracking_uri: str | None = None
     registered_model: str | None = None
     promotion_rule: Literal["significant", "strict"] = "significant"
+    #: End early when the data digest equals the last finished run's (`mfpipe deploy --skip-unchanged`).
+    skip_unchanged: bool = False
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    train_timeout_seconds: float = Field(3600.0, gt=0)  # per model; a model over it is reported failed
 
     @field_validator("models", mode="before")
     @classmethod

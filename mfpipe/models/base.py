@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
@@ -35,9 +35,19 @@ class Recommender(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[ModelParams]] = ModelParams
 
-    def __init__(self, params: ModelParams | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, params: ModelParams | None = None, *, threads: int | None = None, seed: int = 42, **overrides: Any
+    ) -> None:
+        """`threads` None means every core (runtime only, not persisted); `seed` makes fitting reproducible."""
         base = params.model_dump() if params is not None else {}
-        self.params = self.Params.model_validate({**base, **overrides})
+        try:
+            self.params = self.Params.model_validate({**base, **overrides})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "params"
+            raise MfpipeError(f"{self.name}: invalid parameter '{where}': {err['msg']}") from None
+        self.threads = threads
+        self.seed = seed
         self.seen: sp.csr_matrix | None = None
         self.popularity: np.ndarray | None = None
         self.history: dict[str, list[float]] = {}
@@ -49,7 +59,7 @@ class Recommender(ABC):
 
     @abstractmethod
     def score(self, users: np.ndarray) -> np.ndarray:
-        """float32 scores (len(users), n_items) for known (warm) user indices."""
+        """float32 scores (len(users), n_items) for known (warm) user indices, in a fresh writable array."""
 
     @abstractmethod
     def _state(self) -> dict[str, np.ndarray]:
@@ -81,22 +91,22 @@ class Recommender(ABC):
             raise MfpipeError(f"{self.name}: model is not fitted")
         return self.seen
 
-    def recommend(
-        self, users: np.ndarray, k: int = 10, exclude_seen: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item indices (int32, -1 padded) and scores (float32) per user; unknown users get popularity."""
         users = np.asarray(users, dtype=np.int64)
         known = (users >= 0) & (users < self.n_users)
+        if known.all():  # the common (evaluation) case: no copy of the score block
+            scores = self.score(users)
+            if exclude_seen:
+                _exclude_seen(scores, users, self.seen)
+            return top_k(scores, k)
         scores = np.empty((len(users), self.n_items), np.float32)
+        scores[~known] = self.popularity
         if known.any():
-            scores[known] = self.score(users[known])
-        if (~known).any():
-            scores[~known] = self.popularity
-        if exclude_seen and known.any():
-            rows = np.flatnonzero(known)
-            block = scores[rows]
-            _exclude_seen(block, users[known], self.seen)
-            scores[rows] = block
+            block = self.score(users[known])
+            if exclude_seen:
+                _exclude_seen(block, users[known], self.seen)
+            scores[known] = block
         return top_k(scores, k)
 
     def save(self, path: Path) -> Path:
@@ -107,7 +117,10 @@ class Recommender(ABC):
         arrays = {f"state__{k}": v for k, v in self._state().items()}
         np.savez(
             path,
-            meta=np.frombuffer(json.dumps({"name": self.name, "params": self.params.model_dump()}).encode(), np.uint8),
+            meta=np.frombuffer(
+                json.dumps({"name": self.name, "seed": self.seed, "params": self.params.model_dump()}).encode(),
+                np.uint8,
+            ),
             seen_indptr=seen.indptr,
             seen_indices=seen.indices,
             seen_shape=np.array(seen.shape),
@@ -116,21 +129,36 @@ class Recommender(ABC):
         )
         return path
 
+    @staticmethod
+    def _open(path: Path) -> Any:
+        try:
+            return np.load(Path(path), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise MfpipeError(f"{path}: not a readable saved model ({exc})") from None
+
+    @staticmethod
+    def saved_name(path: Path) -> str:
+        """The registry name of the model saved at `path` (so callers can pick the class to load)."""
+        with Recommender._open(path) as data:
+            if "meta" not in data.files:
+                raise MfpipeError(f"{path}: not a saved mfpipe model (no meta)")
+            return json.loads(data["meta"].tobytes())["name"]
+
     @classmethod
     def load(cls, path: Path) -> Self:
-        with np.load(Path(path), allow_pickle=False) as data:
+        with cls._open(path) as data:
+            if "meta" not in data.files:
+                raise MfpipeError(f"{path}: not a saved mfpipe model (no meta)")
             meta = json.loads(data["meta"].tobytes())
             if meta["name"] != cls.name:
                 raise MfpipeError(f"{path}: holds a '{meta['name']}' model, not '{cls.name}'")
-            model = cls(**meta["params"])
+            model = cls(seed=meta.get("seed", 42), **meta["params"])
             shape = tuple(data["seen_shape"])
             indices = data["seen_indices"]
             model.seen = sp.csr_matrix((np.ones(len(indices), np.float32), indices, data["seen_indptr"]), shape=shape)
             model.popularity = data["popularity"]
             model._set_state({k[len("state__") :]: data[k] for k in data.files if k.startswith("state__")})
         return model
-
-
 
 
 class FactorModel(Recommender):

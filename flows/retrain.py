@@ -1,0 +1,304 @@
+"""The `retrain` flow: load -> validate -> split -> train every model in parallel -> evaluate -> register -> promote.
+
+Each task is a few lines around one `mfpipe.pipeline` function. Load, validate and split are cached
+(key: the data spec and files, the config sections they read, the mfpipe version); training never is.
+Training fans out on the configured task runner: threads by default (each model gets a share of the
+cores, see `pipeline.thread_budget`), or a Dask cluster (`task_runner="dask"`, which needs a Prefect
+server so that workers can report their task runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit and numba bring their own threads
+os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")  # thread-safe layer: several models train at once
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from mfpipe import pipeline
+from mfpipe.config import Config
+from mfpipe.data.interactions import Interactions
+from mfpipe.errors import MfpipeError
+from mfpipe.evaluation import EvaluationReport
+from mfpipe.split import Split
+
+
+class _ThreadTimeoutNotice(logging.Filter):
+    """Drop Prefect's per-task notice that a timeout in a worker thread cannot interrupt blocking code.
+
+    That is known and accepted here: a fit that overruns `train_timeout_seconds` is reported failed
+    when it returns, and the other models are unaffected. The notice would repeat for every model.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout of %s seconds configured for this task")
+
+
+logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
+
+
+def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry network and file-system hiccups, never a user error (bad file, bad config)."""
+    exc = state.result(raise_on_failure=False)
+    while exc is not None:
+        if isinstance(exc, OSError | ConnectionError | TimeoutError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _cache_key(stage: str, *sections: str) -> Any:
+    """Cache key from the source key and the config sections the stage reads."""
+
+    def key(context: Any, parameters: dict[str, Any]) -> str:
+        config: Config = parameters["config"]
+        parts = {name: getattr(config, name) for name in sections}
+        return f"{stage}-{parameters['key']}-{pipeline._hash({k: str(v) for k, v in parts.items()})}"
+
+    return key
+
+
+# -- tasks --------------------------------------------------------------------------------------------
+@task(
+    name="load data",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_on_io,
+    cache_key_fn=_cache_key("load"),
+    persist_result=True,
+)
+def load_data(config: Config, key: str) -> pd.DataFrame:
+    return pipeline.read_data(config)
+
+
+@task(name="validate", cache_key_fn=_cache_key("validate", "data_home"), persist_result=True)
+def validate(frame: pd.DataFrame, config: Config, key: str) -> pipeline.Validated:
+    return pipeline.validate_data(frame, config, Path(config.data_home) / "validation" / key)
+
+
+@task(name="split", cache_key_fn=_cache_key("split", "split"), persist_result=True)
+def split_data(frame: pd.DataFrame, config: Config, key: str) -> tuple[Interactions, Split]:
+    data = pipeline.to_interactions(frame)
+    return data, pipeline.split_data(data, config)
+
+
+@task(name="open MLflow run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def open_run(config: Config, data: Interactions, split: Split, validated: pipeline.Validated) -> pipeline.RunContext:
+    ctx = pipeline.open_run(config, data, flow_run.id, flow_run.ui_url)
+    pipeline.record_validation(ctx, validated)
+    pipeline.record_split(ctx, split)
+    return ctx
+
+
+@task(name="train", task_run_name="train {name}", cache_policy=NO_CACHE)
+def train(name: str, split: Split, config: Config, threads: int) -> pipeline.Trained:
+    trained = pipeline.train_model(name, split, config, threads)
+    get_run_logger().info(f"{name} trained in {trained.train_seconds:.1f} s with {threads} thread(s)")
+    return trained
+
+
+@task(name="evaluate", task_run_name="evaluate {trained.name}", cache_policy=NO_CACHE)
+def evaluate(trained: pipeline.Trained, split: Split, config: Config) -> EvaluationReport:
+    return pipeline.evaluate(trained.model, split, config)
+
+
+@task(name="record model", task_run_name="record {result.model}", retries=1, cache_policy=NO_CACHE)
+def record_model(
+    ctx: pipeline.RunContext,
+    result: pipeline.ModelResult,
+    trained: pipeline.Trained | None,
+    split: Split,
+    config: Config,
+) -> pipeline.ModelResult:
+    pipeline.record_model(ctx, result, trained, split, config)
+    return result
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote(ctx: pipeline.RunContext, results: list[pipeline.ModelResult], split: Split, config: Config) -> Any:
+    return pipeline.promote_best(ctx, results, split, config)
+
+
+@task(name="score champion on test", cache_policy=NO_CACHE)
+def score_test(
+    ctx: pipeline.RunContext,
+    decision: Any,
+    results: list[pipeline.ModelResult],
+    models: dict[str, Any],
+    split: Split,
+    config: Config,
+) -> float | None:
+    return pipeline.score_on_test(ctx, decision, results, models, split, config)
+
+
+@task(name="plots", retries=1, cache_policy=NO_CACHE)
+def plots(ctx: pipeline.RunContext, results: list[pipeline.ModelResult], split: Split, config: Config) -> None:
+    pipeline.record_figures(ctx, results, split, config)
+
+
+# -- the flow ------------------------------------------------------------------------------------------
+@dataclass
+class RunOutcome:
+    """What the flow returns: the `--json-report` document and the figures the CLI prints."""
+
+    report: dict[str, Any]
+    train_wall_seconds: float
+    train_sum_seconds: float
+    test_ndcg: float | None
+    parent_run_link: str
+    ui_command: str
+
+    @property
+    def failed(self) -> bool:
+        return not any(m["status"] == "ok" for m in self.report["models"])
+
+
+def task_runner(config: Config, n_tasks: int) -> Any:
+    """Threads by default; Dask on request, which needs a Prefect server (PREFECT_API_URL)."""
+    if config.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=max(1, n_tasks))
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise MfpipeError("--task-runner dask needs a Prefect server: set PREFECT_API_URL (e.g. start `mfpipe up`)")
+    from prefect_dask import DaskTaskRunner
+
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": min(n_tasks, config.threads), "threads_per_worker": 1})
+
+
+def train_all(split: Split, config: Config) -> tuple[dict[str, pipeline.Trained], dict[str, str], float]:
+    """Submit one training task per model at once; a failure is recorded, never fatal for the others."""
+    logger = get_run_logger()
+    threads = pipeline.thread_budget(config.models, config.threads)
+    logger.info(
+        f"Training {', '.join(config.models)} in parallel ({threads} thread(s) each, {config.task_runner} runner)"
+    )
+    task_ = train.with_options(timeout_seconds=config.train_timeout_seconds)
+    started = time.perf_counter()
+    trained: dict[str, pipeline.Trained] = {}
+    errors: dict[str, str] = {}
+    with task_runner(config, len(config.models)) as runner:
+        futures = {
+            name: runner.submit(task_, {"name": name, "split": split, "config": config, "threads": threads})
+            for name in config.models
+        }
+        for name, future in futures.items():
+            try:
+                trained[name] = future.result()
+            except Exception as exc:  # a failing model must not stop the others
+                errors[name] = _one_line(exc)
+                logger.warning(f"{name} failed and is left out of promotion: {errors[name]}")
+    return trained, errors, time.perf_counter() - started
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, MfpipeError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@flow(name="retrain", description="Load, validate, split, train all models in parallel, evaluate, register, promote.")
+def retrain(config: Config) -> RunOutcome:
+    """One retraining run for `config` (a typed form in the Prefect UI)."""
+    logger = get_run_logger()
+    task_runner(config, 1)  # fail fast on a Dask runner without a Prefect server
+    key = pipeline.source_key(config)
+    frame = load_data(config, key)
+    validated = validate(frame, config, key)
+    create_markdown_artifact(
+        pipeline.validation_markdown(validated),
+        key="validation-summary",
+        description=f"Great Expectations summary of {config.data}",
+    )
+    if not validated.success:
+        raise MfpipeError(f"validation failed, nothing was trained: {validated.error}")
+    logger.info(f"Data passed validation ({config.data}, {len(frame):,} rows)")
+    data, split = split_data(frame, config, key)
+    s = split.summary
+    logger.info(
+        f"Split {s.protocol}: {s.n_train:,} train / {s.n_validation:,} validation rows, "
+        f"{s.evaluable_users} evaluable users, {s.cold_users} cold users"
+    )
+    for warning in s.warnings:
+        logger.warning(warning)
+    ctx = open_run(config, data, split, validated)
+    try:
+        outcome = _train_and_promote(ctx, data, split, config)
+    except BaseException as exc:
+        pipeline.close_run(ctx, ok=False, error=_one_line(exc))
+        raise
+    timing = {"train_wall_seconds": outcome.train_wall_seconds, "train_sum_seconds": outcome.train_sum_seconds}
+    pipeline.close_run(ctx, ok=not outcome.failed, error=None, metrics=timing)
+    if outcome.failed:
+        failures = "; ".join(f"{m['model']}: {m['error']}" for m in outcome.report["models"])
+        raise MfpipeError(f"every model failed ({failures})", exit_code=1)
+    return outcome
+
+
+def _train_and_promote(ctx: pipeline.RunContext, data: Interactions, split: Split, config: Config) -> RunOutcome:
+    logger = get_run_logger()
+    trained, errors, train_wall = train_all(split, config)
+    train_sum = sum(t.train_seconds for t in trained.values())
+    logger.info(f"Training took {train_wall:.1f} s of wall time for {train_sum:.1f} s of model fitting")
+    evaluations = {name: evaluate.submit(t, split, config) for name, t in trained.items()}
+    results = []
+    for name in config.models:
+        result = pipeline.ModelResult(name, "failed", error=errors.get(name))
+        if name in trained:
+            try:
+                report = evaluations[name].result()
+                t = trained[name]
+                result = pipeline.ModelResult(
+                    name, "ok", train_seconds=t.train_seconds, evaluation=report, history=t.model.history
+                )
+            except Exception as exc:
+                result.error = _one_line(exc)
+                logger.warning(f"{name} could not be evaluated: {result.error}")
+        results.append(record_model(ctx, result, trained.get(name) if result.status == "ok" else None, split, config))
+    for r in results:
+        if r.status == "ok":
+            logger.info(
+                f"{r.model}: NDCG@{config.k} {r.score:.4f} (warm users), registered as "
+                f"{r.registered_model} v{r.version}"
+            )
+    decision = promote(ctx, results, split, config)
+    logger.info(f"Promotion: {decision.reason}")
+    test_ndcg = score_test(ctx, decision, results, {n: t.model for n, t in trained.items()}, split, config)
+    if test_ndcg is not None and math.isfinite(test_ndcg):
+        logger.info(f"Champion v{decision.after_version} on the test slice: NDCG@{config.k} {test_ndcg:.4f}")
+    plots(ctx, results, split, config)
+    create_markdown_artifact(
+        pipeline.leaderboard_markdown(results, config.k),
+        key="leaderboard",
+        description=f"{data.name}: validation metrics of warm users",
+    )
+    report = pipeline.build_report(
+        data, split, results, pipeline.champion_json(ctx.registered_model, decision, config.k)
+    )
+    return RunOutcome(
+        report,
+        train_wall,
+        train_sum,
+        test_ndcg,
+        ctx.store.run_link(ctx.experiment_id, ctx.parent_run_id),
+        ctx.store.ui_command(),
+    )
+
+
+def run(config: Config) -> RunOutcome:
+    """Run the flow in this process (ephemeral Prefect API unless PREFECT_API_URL is set)."""
+    return retrain(config)

@@ -1,0 +1,189 @@
+"""Benchmark: training throughput of our numba BPR vs implicit's CPU BPR, and their NDCG@10.
+
+Same work on both sides: 64 floats per factor row (implicit stores its item bias inside the row, so it
+gets `factors=63`; ours has 64 factors and the bias in its own array), the same threads, negatives
+verified unseen on both (`verify_negative_samples=True`), the same number of epochs, where an epoch is
+nnz sampled triples. Each side is timed through a whole `fit` (setup included), medians of >= 3
+interleaved runs, after a warm-up fit on a small slice that loads or compiles the numba kernels.
+Both are then scored by the same `recommend` + `per_user_metrics` on a random-per-user validation split.
+The memory ceiling is our sampling loop with the arithmetic left out (same sampling, verification,
+prefetch and row loads): how close the full update gets to what the memory system allows.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mfpipe.bench import BenchResult, benchmark, interleaved
+from mfpipe.data.interactions import Interactions
+from mfpipe.models.base import FactorModel, ModelParams
+
+PEER = "implicit.cpu.bpr (verified negatives)"
+FACTORS = 64
+NDCG_USERS = 5000  # validation users scored per case (a seeded sample on the large cases)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: str  # a data spec: a source name or synthetic:N
+    epochs: int
+    target: float
+
+
+CASES = (
+    Case("ml-latest-small", "ml-latest-small", 100, 1.5),
+    Case("synthetic 1M", "synthetic:1M", 20, 2.0),
+    Case("synthetic 10M", "synthetic:10M", 3, 1.5),
+)
+
+
+class ImplicitBPRParams(ModelParams):
+    factors: int = FACTORS - 1  # + implicit's bias column = 64 floats per row
+    learning_rate: float = 0.01
+    regularization: float = 0.01
+    epochs: int = 100
+
+
+class ImplicitBPR(FactorModel):
+    """implicit's CPU BPR behind our model protocol, so both sides are fitted and ranked the same way.
+
+    implicit's user rows end with a constant 1 and its item rows with the item bias, so the product of
+    its factor matrices is already its score (our item bias stays zero).
+    """
+
+    name: ClassVar[str] = "implicit-bpr"
+    Params: ClassVar[type[ModelParams]] = ImplicitBPRParams
+    params: ImplicitBPRParams
+
+    def _fit(self, train: Interactions, validation: Any = None) -> None:
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+        model = BayesianPersonalizedRanking(
+            factors=self.params.factors,
+            learning_rate=self.params.learning_rate,
+            regularization=self.params.regularization,
+            iterations=self.params.epochs,
+            num_threads=self.threads or 0,
+            verify_negative_samples=True,
+            random_state=self.seed,
+        )
+        model.fit(self._fitted_seen(), show_progress=False)
+        self.user_factors = np.ascontiguousarray(model.user_factors, np.float32)
+        self.item_factors = np.ascontiguousarray(model.item_factors, np.float32)
+        self.item_bias = np.zeros(train.n_items, np.float32)
+
+
+def load_case_data(spec: str, seed: int) -> Interactions:
+    """Interactions for a case through the data layer (cache, download, synthetic generator)."""
+    from mfpipe.config import load_config
+    from mfpipe.data import load_interactions
+
+    config = load_config(overrides={"data": spec, "seed": seed})
+    return load_interactions(config.data, config.data_options, config.data_home)
+
+
+def validation_ndcg(model: FactorModel, split: Any, users: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k over `users` (warm, with relevant items), ranked by the model's own recommend."""
+    from mfpipe.evaluation import per_user_metrics, recommend_batched
+
+    recommended = recommend_batched(model, users, k)
+    return float(np.mean(per_user_metrics(recommended, split.truth("validation")[users], k)["ndcg"]))
+
+
+def evaluation_users(split: Any, seed: int, limit: int = NDCG_USERS) -> np.ndarray:
+    """Warm validation users with >= 1 relevant item; a seeded sample of `limit` when there are more."""
+    truth = split.truth("validation")
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    users = users[users < split.train.n_users]
+    if len(users) > limit:
+        users = np.sort(np.random.default_rng(seed).choice(users, limit, replace=False))
+    return users
+
+
+def memory_ceiling(model: Any, epochs: int, threads: int, repeats: int, seed: int) -> float:
+    """Samples/s of our sampling loop without the arithmetic (median of `repeats`), on `model`'s data."""
+    import numba
+
+    from mfpipe.models import _bpr_kernels as kernels
+    from mfpipe.models.bpr import Sampler
+
+    sampler = Sampler(model.seen, popularity=model.params.negative_sampling == "popularity")
+    learning_rates = np.full(epochs, model.params.learning_rate)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        times = []
+        for _ in range(repeats):
+            states = kernels.thread_states(seed, threads)
+            start = time.perf_counter()
+            sampler.epochs(model, states, learning_rates, learn=False)
+            times.append(time.perf_counter() - start)
+    finally:
+        numba.set_num_threads(previous)
+    return epochs * len(sampler.pairs) / statistics.median(times)
+
+
+def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable[[str], None]) -> BenchResult:
+    """Time both fits interleaved, then their validation NDCG@10 and our memory ceiling."""
+    from mfpipe.config import SplitOptions
+    from mfpipe.models.bpr import BPR
+    from mfpipe.split import split_interactions
+
+    report(f"{case.name}: loading and splitting")
+    split = split_interactions(load_case_data(case.data, seed), SplitOptions(protocol="random-per-user", seed=seed))
+    train = split.train
+    fitted: dict[str, FactorModel] = {}
+
+    def ours() -> None:
+        fitted["ours"] = BPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
+
+    def peer() -> None:
+        fitted["peer"] = ImplicitBPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
+
+    BPR(threads=threads, seed=seed, epochs=1).fit(_slice(train))  # JIT compile (or cache load) excluded
+    report(f"{case.name}: timing {repeats} x ours / implicit, {case.epochs} epochs of {len(train):,} triples")
+    ours_s, peer_s = interleaved(ours, peer, repeats=repeats, warmup=False)
+    samples = case.epochs * len(train)
+    report(f"{case.name}: memory ceiling and NDCG@10")
+    ceiling = memory_ceiling(fitted["ours"], case.epochs, threads, repeats, seed)
+    users = evaluation_users(split, seed)
+    ndcg_ours = validation_ndcg(fitted["ours"], split, users)
+    ndcg_peer = validation_ndcg(fitted["peer"], split, users)
+    details = {
+        "epochs": case.epochs, "train_triples_per_epoch": len(train), "users": train.n_users,
+        "items": train.n_items, "threads": threads, "repeats": repeats, "floats_per_row": FACTORS,
+        "ours_fit_s": ours_s, "peer_fit_s": peer_s,
+        "ceiling_samples_per_s": ceiling, "ours_share_of_ceiling": samples / ours_s / ceiling,
+        "ndcg@10_ours": ndcg_ours, "ndcg@10_peer": ndcg_peer, "ndcg_users": len(users),
+        "ndcg_at_least_peer": ndcg_ours >= ndcg_peer,
+    }  # fmt: skip
+    return BenchResult("bpr", case.name, "samples/s", samples / ours_s, samples / peer_s, PEER, case.target, details)
+
+
+def _slice(train: Interactions, n: int = 2000) -> Interactions:
+    """The first n interactions with train's id maps (same dtypes: the same compiled kernels)."""
+    return Interactions(
+        user_ids=train.user_ids, item_ids=train.item_ids, users=train.users[:n], items=train.items[:n],
+        ratings=None, timestamps=train.timestamps[:n], name="warm-up",
+    )  # fmt: skip
+
+
+@benchmark("bpr")
+def bpr_benchmark(
+    threads: int = 2,
+    repeats: int = 3,
+    seed: int = 42,
+    cases: tuple[Case, ...] = CASES,
+    report: Callable[[str], None] = lambda message: None,
+) -> list[BenchResult]:
+    """Samples/s of our BPR vs implicit's on ml-latest-small, synthetic 1M and 10M (targets per case)."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return [run_case(case, threads, max(3, repeats), seed, report) for case in cases]

@@ -1,0 +1,490 @@
+"""Top-k ranking metrics over the full catalogue, with uncertainty, for models and for files.
+
+Definitions (DESIGN.md "Definitions"; tests pin them), for one user with relevant set R and top-k list:
+- NDCG@k: binary gain, discount 1/log2(rank+1), divided by the ideal DCG over min(k, |R|) positions.
+- Precision@k = hits/k, Recall@k = hits/|R|, HitRate@k = [hits > 0], MRR@k = 1/rank of the first hit.
+- MAP@k = sum over hit ranks r of (hits within r)/r, divided by min(k, |R|).
+Ranks are positions 1..k; an empty slot (item -1, e.g. a gap in a ranks file) is never a hit but keeps
+its position. An item repeated in one list counts once, at its first rank. Users with no relevant item
+get NaN (the report excludes them and counts them as skipped); users with relevant items but no
+recommendation score 0. Every metric is macro-averaged over users with its standard error and a seeded
+95% percentile bootstrap interval over users.
+
+Where `implicit.evaluation.ranking_metrics_at_k` (implicit 0.7.3) differs: its "ndcg" and "map" are the
+same per-user quantities, macro-averaged, so they agree with ours on the same recommendations. Its
+"precision" is micro-averaged AND uses the denominator min(K, |R|): sum over users of hits divided by
+sum over users of min(K, |R|), which is neither our Precision@k (mean of hits/k) nor a mean of
+per-user ratios. It masks seen items with -FLT_MAX, not -inf, so a user with fewer than K unseen items
+gets seen items at the tail where we leave the slot empty; it has "auc" and no recall, hit rate or MRR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numba as nb
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from mfpipe.errors import MfpipeError
+
+if TYPE_CHECKING:  # only for hints: `mfpipe evaluate` on files needs neither
+    from mfpipe.models.base import Recommender
+    from mfpipe.split import Split
+
+METRICS: tuple[str, ...] = ("ndcg", "precision", "recall", "map", "hit_rate", "mrr")
+N_BOOTSTRAP = 2000
+VARIANTS: dict[str, str] = {"warm": "", "all": "all", "cold": "cold"}  # group -> MLflow key suffix
+
+
+# -- names -----------------------------------------------------------------------------------------
+def display_name(name: str, k: int, stat: str = "") -> str:
+    """`ndcg@10`, `ndcg@10_se`, `ndcg@10_ci95`: the names of CLI output, JSON and reports."""
+    return f"{name}@{k}" + (f"_{stat}" if stat else "")
+
+
+def metric_key(name: str, k: int, variant: str = "", stat: str = "") -> str:
+    """The one mapping to MLflow keys (no `@`): `ndcg_at_10`, `ndcg_at_10_all`, `ndcg_at_10_se_cold`.
+
+    `variant` "" is the warm users (the promotion metric); "all"/"cold" always end the key.
+    """
+    return f"{name}_at_{k}" + (f"_{stat}" if stat else "") + (f"_{variant}" if variant else "")
+
+
+# -- per-user metrics --------------------------------------------------------------------------------
+@nb.njit(parallel=True, cache=True)
+def _metrics_kernel(
+    recs: np.ndarray, k: int, indptr: np.ndarray, indices: np.ndarray, discount: np.ndarray, out: np.ndarray
+) -> None:
+    """out[m, u] for the METRICS order; one user per iteration, relevant rows sorted (binary search)."""
+    n_cols = min(k, recs.shape[1])
+    for u in nb.prange(recs.shape[0]):
+        lo = indptr[u]
+        n_rel = indptr[u + 1] - lo
+        if n_rel == 0:
+            for m in range(6):
+                out[m, u] = np.nan
+        else:
+            row = indices[lo : lo + n_rel]
+            hits = 0
+            dcg = 0.0
+            ap = 0.0
+            rr = 0.0
+            for i in range(n_cols):
+                item = recs[u, i]
+                if item < 0:
+                    continue
+                pos = np.searchsorted(row, item)
+                if pos >= n_rel or row[pos] != item:
+                    continue
+                repeated = False
+                for j in range(i):
+                    if recs[u, j] == item:
+                        repeated = True
+                if repeated:
+                    continue
+                hits += 1
+                dcg += discount[i]
+                ap += hits / (i + 1.0)
+                if rr == 0.0:
+                    rr = 1.0 / (i + 1.0)
+            ideal = 0.0
+            for i in range(min(k, n_rel)):
+                ideal += discount[i]
+            out[0, u] = dcg / ideal
+            out[1, u] = hits / k
+            out[2, u] = hits / n_rel
+            out[3, u] = ap / min(k, n_rel)
+            out[4, u] = 1.0 if hits > 0 else 0.0
+            out[5, u] = rr
+
+
+def _canonical(truth: sp.spmatrix) -> sp.csr_matrix:
+    """CSR with sorted, unique, non-zero entries (a repeated relevant pair counts once)."""
+    truth = sp.csr_matrix(truth)
+    if not truth.has_canonical_format:
+        truth = truth.copy()
+        truth.sum_duplicates()
+    if truth.nnz and not truth.data.all():
+        truth = truth.copy()
+        truth.eliminate_zeros()
+    return truth
+
+
+def per_user_metrics(recommended: np.ndarray, truth: sp.spmatrix, k: int) -> dict[str, np.ndarray]:
+    """Per-user NDCG, Precision, Recall, MAP, HitRate, MRR at k (float64 arrays, NaN: no relevant item).
+
+    `recommended` (n_users, >= 0 columns) holds item indices best first, -1 for an empty slot; only
+    the first k columns count. Row u of `truth` marks user u's relevant items (any item space that
+    contains the recommended indices).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    recs = np.ascontiguousarray(recommended, dtype=np.int64)
+    truth = _canonical(truth)
+    if recs.ndim != 2 or recs.shape[0] != truth.shape[0]:
+        raise ValueError(f"recommended has shape {recs.shape}; truth has {truth.shape[0]} rows")
+    discount = 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+    out = np.empty((len(METRICS), recs.shape[0]), np.float64)
+    _metrics_kernel(recs, int(k), truth.indptr.astype(np.int64), truth.indices.astype(np.int64), discount, out)
+    return dict(zip(METRICS, out, strict=True))
+
+
+# -- uncertainty -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricSummary:
+    """Mean over users, its standard error, a 95% bootstrap interval and the number of users."""
+
+    mean: float
+    se: float
+    ci95: tuple[float, float]
+    n: int
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """a - b on the same users: mean difference, its SE and paired 95% bootstrap interval, win counts."""
+
+    mean_diff: float
+    se: float
+    ci95: tuple[float, float]
+    a_wins: int
+    b_wins: int
+    ties: int
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        """True when the whole interval lies above zero (a is better than b beyond resampling noise)."""
+        return self.n > 0 and self.ci95[0] > 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mean_diff": _num(self.mean_diff), "se": _num(self.se), "ci95": [_num(v) for v in self.ci95],
+            "a_wins": self.a_wins, "b_wins": self.b_wins, "ties": self.ties, "n": self.n,
+        }  # fmt: skip
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@nb.njit(cache=True, inline="always")
+def _splitmix64(z: np.uint64) -> np.uint64:
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@nb.njit(parallel=True, cache=True)
+def _bootstrap_kernel(values: np.ndarray, seed: np.uint64, n_boot: int) -> np.ndarray:
+    """(n, m) values -> (m, n_boot) resample means; draw i of resample b is splitmix64(seed, b, i).
+
+    A counter-based generator: every draw is a pure function of (seed, b, i), so results do not depend
+    on the thread count and no index matrix is materialised.
+    """
+    n, m = values.shape
+    means = np.zeros((m, n_boot), np.float64)
+    n_u = np.uint64(n)
+    for b in nb.prange(n_boot):
+        stream = _splitmix64(seed ^ (_GOLDEN * np.uint64(b + 1)))
+        sums = np.zeros(m, np.float64)
+        for i in range(n):
+            z = _splitmix64(stream + _GOLDEN * np.uint64(i + 1))
+            j = ((z >> np.uint64(32)) * n_u) >> np.uint64(32)  # uniform in [0, n) for n < 2**32
+            for c in range(m):
+                sums[c] += values[j, c]
+        for c in range(m):
+            means[c, b] = sums[c] / n
+    return means
+
+
+def _bootstrap_means(values: np.ndarray, seed: int, n_boot: int = N_BOOTSTRAP) -> np.ndarray:
+    """(m, n) values -> (m, n_boot) means of user resamples shared by all m rows (same users drawn)."""
+    seed_u64 = np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    return _bootstrap_kernel(np.ascontiguousarray(values.T, dtype=np.float64), seed_u64, int(n_boot))
+
+
+def _summaries(values: np.ndarray, seed: int) -> list[MetricSummary]:
+    """MetricSummary of each row of a finite (m, n) array, bootstrapping the same resamples for all rows."""
+    m, n = values.shape
+    if n == 0:
+        return [MetricSummary(math.nan, math.nan, (math.nan, math.nan), 0) for _ in range(m)]
+    means = values.mean(axis=1)
+    # Sample SE; with one user there is no spread to measure and the bootstrap is the point itself.
+    se = values.std(axis=1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros(m)
+    lo, hi = np.quantile(_bootstrap_means(values, seed), [0.025, 0.975], axis=1)
+    return [MetricSummary(float(means[i]), float(se[i]), (float(lo[i]), float(hi[i])), n) for i in range(m)]
+
+
+def summarize(values: np.ndarray, seed: int = 42) -> MetricSummary:
+    """Mean, SE (sample std / sqrt(n)) and seeded 95% percentile bootstrap interval; NaN users are dropped."""
+    values = np.asarray(values, dtype=np.float64)
+    return _summaries(values[np.isfinite(values)][None, :], seed)[0]
+
+
+def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 42) -> PairedComparison:
+    """Compare per-user metrics of two models on the same users (pairs with a NaN are dropped)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same users: shapes {a.shape} and {b.shape}")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    diff = summarize(a - b, seed)
+    return PairedComparison(
+        mean_diff=diff.mean, se=diff.se, ci95=diff.ci95,
+        a_wins=int((a > b).sum()), b_wins=int((b > a).sum()), ties=int((a == b).sum()), n=diff.n,
+    )  # fmt: skip
+
+
+# -- reports -----------------------------------------------------------------------------------------
+def _num(value: float) -> float | None:
+    """JSON has no NaN: an undefined figure (e.g. no cold users) is null."""
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """Metrics of one group of users (warm, cold or all): `group["ndcg"]` is a MetricSummary."""
+
+    metrics: dict[str, MetricSummary]
+    n_users: int
+    coverage: float
+
+    def __getitem__(self, name: str) -> MetricSummary:
+        return self.metrics[name]
+
+    def to_json(self, k: int) -> dict[str, Any]:
+        """`n_users`, then `ndcg@10`, … and their `_se` / `_ci95` companions (the Contracts layout)."""
+        out: dict[str, Any] = {"n_users": self.n_users}
+        out.update({display_name(m, k): _num(s.mean) for m, s in self.metrics.items()})
+        out.update({display_name(m, k, "se"): _num(s.se) for m, s in self.metrics.items()})
+        out.update({display_name(m, k, "ci95"): [_num(v) for v in s.ci95] for m, s in self.metrics.items()})
+        return out
+
+
+def summarize_group(per_user: dict[str, np.ndarray], seed: int, coverage: float = math.nan) -> GroupSummary:
+    """GroupSummary of per-user metric arrays (users with NaN, i.e. no relevant item, are dropped)."""
+    stacked = np.vstack([np.asarray(per_user[m], np.float64) for m in METRICS])
+    stacked = stacked[:, np.isfinite(stacked).all(axis=0)]
+    summaries = _summaries(stacked, seed)
+    return GroupSummary(dict(zip(METRICS, summaries, strict=True)), stacked.shape[1], coverage)
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationReport:
+    """Warm, cold and all evaluated users of one model on one part of a split.
+
+    `per_user` has one row per evaluated user: `user` (index in the part's space), `user_id`, `warm`,
+    `n_relevant` and the metrics. `n_skipped` counts users of the part with no relevant item.
+    """
+
+    k: int
+    part: str
+    warm: GroupSummary
+    cold: GroupSummary
+    all: GroupSummary
+    coverage: float
+    per_user: pd.DataFrame
+    n_skipped: int
+
+    @property
+    def n_cold(self) -> int:
+        return self.cold.n_users
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "k": self.k, "part": self.part, "n_users": self.all.n_users, "n_skipped": self.n_skipped,
+            "n_cold_users": self.n_cold, "coverage": _num(self.coverage),
+            **{g: {**getattr(self, g).to_json(self.k), "coverage": _num(getattr(self, g).coverage)} for g in VARIANTS},
+        }  # fmt: skip
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """Flat MLflow keys via `metric_key`: mean, `_se`, `_ci95_lo`, `_ci95_hi` per metric and group.
+
+        Undefined figures (an empty cold group) are left out: MLflow would store them as NaN.
+        """
+        out: dict[str, float] = {"n_skipped_users": float(self.n_skipped)}
+        for group, variant in VARIANTS.items():
+            summary: GroupSummary = getattr(self, group)
+            out[metric_key("n_users", self.k, variant)] = float(summary.n_users)
+            out[metric_key("coverage", self.k, variant)] = summary.coverage
+            for name, s in summary.metrics.items():
+                out[metric_key(name, self.k, variant)] = s.mean
+                out[metric_key(name, self.k, variant, "se")] = s.se
+                out[metric_key(name, self.k, variant, "ci95_lo")] = s.ci95[0]
+                out[metric_key(name, self.k, variant, "ci95_hi")] = s.ci95[1]
+        return {key: value for key, value in out.items() if math.isfinite(value)}
+
+
+# -- models ------------------------------------------------------------------------------------------
+def recommend_batched(model: Recommender, users: np.ndarray, k: int, batch_size: int = 2048) -> np.ndarray:
+    """model.recommend over `users` in batches (memory: batch_size x n_items scores at a time)."""
+    out = np.full((len(users), k), -1, np.int32)
+    for start in range(0, len(users), max(1, batch_size)):
+        stop = min(len(users), start + max(1, batch_size))
+        out[start:stop] = model.recommend(users[start:stop], k)[0]
+    return out
+
+
+def _coverage(recs: np.ndarray, n_items: int) -> float:
+    return float(np.unique(recs[recs >= 0]).size / n_items) if n_items else math.nan
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredUsers:
+    """Every evaluated user of one part: index, warm flag, |R|, top-k list and per-user metrics."""
+
+    users: np.ndarray
+    warm: np.ndarray
+    n_relevant: np.ndarray
+    recommended: np.ndarray
+    metrics: dict[str, np.ndarray]
+    n_skipped: int
+
+
+def score_users(
+    model: Recommender, split: Split, k: int = 10, part: str = "validation", batch_size: int = 2048
+) -> ScoredUsers:
+    """Rank the full train catalogue for every user of `part` with >= 1 relevant item and score the lists.
+
+    Warm users (index < train users) get model.recommend with their train items excluded; cold users
+    get the model's fallback (recommend for index -1, the same list for all). Relevant items unseen in
+    train stay in |R| although no model can recommend them.
+    """
+    truth = _canonical(split.truth(part))
+    n_relevant = np.diff(truth.indptr)
+    users = np.flatnonzero(n_relevant > 0)
+    warm = users < split.train.n_users
+    recs = np.full((len(users), k), -1, np.int32)
+    recs[warm] = recommend_batched(model, users[warm], k, batch_size)
+    if (~warm).any():
+        recs[~warm] = model.recommend(np.array([-1]), k)[0][0]
+    metrics = per_user_metrics(recs, truth[users], k)
+    return ScoredUsers(users, warm, n_relevant[users], recs, metrics, int((n_relevant == 0).sum()))
+
+
+def evaluate_model(
+    model: Recommender, split: Split, k: int = 10, part: str = "validation", batch_size: int = 2048, seed: int = 42
+) -> EvaluationReport:
+    """`score_users`, then warm / cold / all summaries with SE and bootstrap intervals, and coverage."""
+    scored = score_users(model, split, k, part, batch_size)
+    n_items = split.train.n_items
+    ids = np.asarray((split.validation if part == "validation" else split.test).user_ids)
+    per_user = pd.DataFrame(
+        {"user": scored.users, "user_id": ids[scored.users].astype(str), "warm": scored.warm}
+        | {"n_relevant": scored.n_relevant}
+        | scored.metrics
+    )
+
+    def group(mask: np.ndarray) -> GroupSummary:
+        metrics = {m: v[mask] for m, v in scored.metrics.items()}
+        return summarize_group(metrics, seed, _coverage(scored.recommended[mask], n_items))
+
+    warm, cold = group(scored.warm), group(~scored.warm)
+    everyone = warm if cold.n_users == 0 else group(np.ones(len(scored.users), bool))  # same users: same summary
+    return EvaluationReport(
+        k=k, part=part, warm=warm, cold=cold, all=everyone,
+        coverage=_coverage(scored.recommended, n_items), per_user=per_user, n_skipped=scored.n_skipped,
+    )  # fmt: skip
+
+
+# -- files -------------------------------------------------------------------------------------------
+_INTEGER = re.compile(r"^\+?\d+(\.0*)?$")  # "3", "+3", "3.0": integers; "3.5", "-1", "" are not
+_HUGE_RANK = 2**62  # ranks beyond any k are only compared with k: cap them to fit int64
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """The named columns of a CSV as stripped strings (ids are never parsed as numbers)."""
+    path = Path(path)
+    if not path.exists():
+        raise MfpipeError(f"{path}: no such file")
+    if not path.is_file():
+        raise MfpipeError(f"{path}: not a file")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise MfpipeError(f"{path}: file is empty (expected a header {','.join(columns)})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MfpipeError(f"{path}: not a readable CSV file ({first})") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise MfpipeError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)})")
+    frame = frame[list(columns)].fillna("").apply(lambda col: col.str.strip())
+    for column in ("user_id", "item_id"):
+        empty = np.flatnonzero((frame[column] == "").to_numpy())
+        if empty.size:
+            raise MfpipeError(f"{path}: empty {column} on line {empty[0] + 2}")
+    return frame
+
+
+def _ranks(path: Path, recs: pd.DataFrame) -> np.ndarray:
+    """Ranks as int64, and `recs["rank"]` rewritten canonically ("03", "3.0" -> "3") for duplicate checks.
+
+    Anything but an integer >= 1 is an error naming the line.
+    """
+    text = recs["rank"]
+    ok = text.str.fullmatch(_INTEGER.pattern).to_numpy(dtype=bool)
+    canonical = text.where(~ok, text[ok].map(lambda s: str(int(s.split(".")[0]))))
+    ranks = np.zeros(len(text), np.int64)
+    ranks[ok] = canonical[ok].map(lambda s: min(int(s), _HUGE_RANK)).to_numpy(np.int64)
+    bad = np.flatnonzero(~ok | (ranks < 1))
+    if bad.size:
+        raise MfpipeError(f"{path}: rank {text.iloc[bad[0]]!r} on line {bad[0] + 2} is not an integer >= 1")
+    recs["rank"] = canonical
+    return ranks
+
+
+def _no_duplicates(path: Path, recs: pd.DataFrame, column: str, what: str) -> None:
+    """A user's list may hold each rank and each item once; name the first offending pair of lines."""
+    keys = (recs["user_id"] + "\x1f" + recs[column]).to_numpy()
+    dup = np.flatnonzero(pd.Series(keys).duplicated(keep=False).to_numpy())
+    if dup.size:
+        first, second = dup[keys[dup] == keys[dup[0]]][:2]
+        user, value = recs["user_id"].iloc[first], recs[column].iloc[first]
+        raise MfpipeError(f"{path}: user {user!r} has {what} {value!r} twice (lines {first + 2} and {second + 2})")
+
+
+def evaluate_files(recs_path: Path, truth_path: Path, k: int = 10, seed: int = 42) -> dict[str, Any]:
+    """Metrics of a recommendations file against a relevance file, in the Contracts' JSON layout.
+
+    recs: `user_id,item_id,rank`; truth: `user_id,item_id`. Ids are compared as (stripped) strings; rank
+    is the position used for the discount (gaps leave empty positions), ranks > k are ignored; repeated
+    truth rows count once; the evaluated users are the users of truth (a user without recs scores 0).
+    """
+    if k < 1:
+        raise MfpipeError(f"--k must be >= 1, got {k}")
+    recs = _read_csv(recs_path, ("user_id", "item_id", "rank"))
+    truth = _read_csv(truth_path, ("user_id", "item_id")).drop_duplicates()
+    if truth.empty:
+        raise MfpipeError(f"{truth_path}: no rows (the evaluated users are the users of this file)")
+    ranks = _ranks(recs_path, recs)
+    _no_duplicates(recs_path, recs, "rank", "rank")
+    _no_duplicates(recs_path, recs, "item_id", "item")
+
+    user_codes, user_ids = pd.factorize(truth["user_id"])
+    item_codes, item_ids = pd.factorize(pd.concat([truth["item_id"], recs["item_id"]], ignore_index=True))
+    truth_matrix = sp.csr_matrix(
+        (np.ones(len(truth), bool), (user_codes, item_codes[: len(truth)])), shape=(len(user_ids), len(item_ids))
+    )
+    rec_users = pd.Index(user_ids).get_indexer(recs["user_id"])
+    keep = (rec_users >= 0) & (ranks <= k)
+    recommended = np.full((len(user_ids), k), -1, np.int64)
+    recommended[rec_users[keep], ranks[keep] - 1] = item_codes[len(truth) :][keep]
+    summary = summarize_group(per_user_metrics(recommended, truth_matrix, k), seed)
+    return {"k": k, **summary.to_json(k)}
+
+
+def evaluate_files_json(recs_path: Path, truth_path: Path, k: int = 10) -> str:
+    """`evaluate_files` as strict JSON text (what `mfpipe evaluate` prints)."""
+    return json.dumps(evaluate_files(recs_path, truth_path, k), allow_nan=False)

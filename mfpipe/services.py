@@ -1,0 +1,285 @@
+"""Local servers as child processes: start a command, wait for its health URL, stop it cleanly.
+
+One helper for `mfpipe up` and the services test fixtures, so both start the Prefect server and the
+MLflow server with the same commands and environment as `docker/compose.yaml` (which runs them on
+0.0.0.0 inside its network). Children get their own session so a Ctrl-C in the terminal reaches only
+the parent, which then stops them in order (SIGTERM, wait, SIGKILL only after a timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mfpipe.errors import MfpipeError
+
+LOCALHOST = "127.0.0.1"
+#: Where `mfpipe up` writes the servers' output (git-ignored).
+UP_LOG_DIR = Path(".mfpipe/logs")
+#: Environment every server child gets: no telemetry, and no MLflow job workers eating the CPU after start-up.
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+@dataclass
+class Service:
+    """A running server: its base URL, health URL, child process and log file."""
+
+    name: str
+    url: str
+    health_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        """Last log lines, joined on one line, for error messages (the CLI prints errors as one line)."""
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text[-lines:] if line.strip())
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the server (it stops its own children), wait; SIGKILL its process group after `timeout`."""
+        if self.running():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = LOCALHOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (beside the running Python), else from PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise MfpipeError(f"'{name}' not found beside {sys.executable} or on PATH; install mfpipe's dependencies")
+    return found
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_healthy(services: Sequence[Service], timeout: float) -> None:
+    """Poll every service's health URL until all answer; a child that exits or a timeout is an error."""
+    pending = list(services)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for service in list(pending):
+            if not service.running():
+                raise MfpipeError(
+                    f"{service.name} exited with code {service.process.returncode} before answering "
+                    f"{service.health_url}; log {service.log_path}: {service.log_tail()}"
+                )
+            if healthy(service.health_url):
+                pending.remove(service)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(f"{s.name} ({s.health_url})" for s in pending)
+            raise MfpipeError(f"not healthy after {timeout:.0f} s: {names}; logs in {pending[0].log_path.parent}")
+        if pending:
+            time.sleep(0.25)
+
+
+def spawn(
+    name: str,
+    command: Sequence[str],
+    url: str,
+    health_url: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> Service:
+    """Start `command` in its own session with output to `log_path`; does not wait for health."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    child_env = {**os.environ, **QUIET_ENV, **(env or {})}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=child_env, start_new_session=True,
+        )  # fmt: skip
+    return Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path)
+
+
+def start_services(starters: Sequence[Callable[[], Service]], timeout: float = 180.0) -> list[Service]:
+    """Start every service at once (their start-ups overlap), wait for all; on failure stop those started."""
+    services: list[Service] = []
+    try:
+        for start in starters:
+            services.append(start())
+        wait_healthy(services, timeout)
+    except BaseException:
+        stop_all(services)
+        raise
+    return services
+
+
+def stop_all(services: Sequence[Service], timeout: float = 30.0) -> None:
+    """Stop in reverse start order."""
+    for service in reversed(services):
+        service.stop(timeout)
+
+
+def _check_port(port: int, host: str, flag: str) -> None:
+    if port_in_use(port, LOCALHOST if host == "0.0.0.0" else host):
+        raise MfpipeError(f"port {port} on {host} is already in use; stop what listens there or pass {flag}")
+
+
+def prefect_server_command(port: int, host: str = LOCALHOST) -> list[str]:
+    """The Prefect server command line (docker/compose.yaml runs the same with host 0.0.0.0)."""
+    return [executable("prefect"), "server", "start", "--host", host, "--port", str(port)]
+
+
+def mlflow_server_command(
+    port: int, backend_store_uri: str, artifacts_destination: Path | str, host: str = LOCALHOST
+) -> list[str]:
+    """`mlflow server` proxying artifacts (clients need no access to the artifact store), one worker."""
+    return [
+        executable("mlflow"), "server", "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(artifacts_destination), "--host", host, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+
+
+def prefect_server(
+    port: int,
+    log_path: Path,
+    home: Path | None = None,
+    database_url: str | None = None,
+    host: str = LOCALHOST,
+) -> Service:
+    """`prefect server start`; `home` isolates its settings and sqlite DB, `database_url` selects PostgreSQL."""
+    _check_port(port, host, "--prefect-port")
+    env: dict[str, str] = {}
+    if home is not None:
+        env["PREFECT_HOME"] = str(home)
+    if database_url is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    url = f"http://{LOCALHOST if host == '0.0.0.0' else host}:{port}"
+    return spawn("Prefect server", prefect_server_command(port, host), url, f"{url}/api/health", log_path, env)
+
+
+def mlflow_server(
+    port: int,
+    backend_store_uri: str,
+    artifacts_destination: Path | str,
+    log_path: Path,
+    host: str = LOCALHOST,
+) -> Service:
+    """Start `mlflow server` over `backend_store_uri` (sqlite or PostgreSQL)."""
+    _check_port(port, host, "--mlflow-port")
+    url = f"http://{LOCALHOST if host == '0.0.0.0' else host}:{port}"
+    command = mlflow_server_command(port, backend_store_uri, artifacts_destination, host)
+    return spawn("MLflow server", command, url, f"{url}/health", log_path)
+
+
+def prefect_api_url(service: Service) -> str:
+    """What clients put in PREFECT_API_URL."""
+    return f"{service.url}/api"
+
+
+def watch(services: Sequence[Service], poll: float = 0.5) -> None:
+    """Block until a server dies (MfpipeError, exit code 1); Ctrl-C ends the wait as KeyboardInterrupt."""
+    while True:
+        for service in services:
+            if not service.running():
+                raise MfpipeError(
+                    f"{service.name} exited with code {service.process.returncode}; "
+                    f"log {service.log_path}: {service.log_tail()}",
+                    exit_code=1,
+                )
+        time.sleep(poll)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@dataclass
+class UpResult:
+    services: list[Service]
+    seconds_to_healthy: float
+
+
+def up(
+    prefect_port: int,
+    mlflow_port: int,
+    tracking_uri: str,
+    artifacts: Path,
+    log_dir: Path,
+    on_ready: Callable[[UpResult], None],
+    host: str = LOCALHOST,
+    timeout: float = 180.0,
+) -> None:
+    """Start a Prefect server and an MLflow server over the project's store, report, run until Ctrl-C.
+
+    Both start at once; `on_ready` gets the services and the seconds from start to both health URLs
+    answering. SIGINT and SIGTERM (also during start-up) stop both children (SIGTERM, wait), then return.
+    """
+    if not tracking_uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+        raise MfpipeError(
+            f"tracking URI {tracking_uri!r} is not a database store; `mfpipe up` serves a local store "
+            "(set MLFLOW_TRACKING_URI to sqlite:///... or postgresql://..., or open that server's UI directly)"
+        )
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        started = time.monotonic()
+        services = start_services(
+            [
+                lambda: prefect_server(prefect_port, log_dir / "prefect-server.log", host=host),
+                lambda: mlflow_server(
+                    mlflow_port, tracking_uri, artifacts.resolve(), log_dir / "mlflow-server.log", host
+                ),
+            ],
+            timeout,
+        )
+        try:
+            on_ready(UpResult(services, time.monotonic() - started))
+            watch(services)
+        finally:
+            stop_all(services)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

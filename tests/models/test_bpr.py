@@ -1,0 +1,147 @@
+"""Our numba BPR: reproducibility, learning, the negative sampler, early stopping, divergence."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from mfpipe.errors import MfpipeError
+from mfpipe.models.bpr import BPR, Sampler, aligned_zeros
+from mfpipe.models.popularity import Popularity
+from tests.models.conftest import make_interactions, planted
+
+
+def random_seen(n_users: int, n_items: int, per_user: int, seed: int = 0, skew: float = 0.0) -> sp.csr_matrix:
+    """User x item CSR with `per_user` distinct items per user, item i drawn with weight 1/(i+1)**skew."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_items + 1) ** skew
+    rows = [np.sort(rng.choice(n_items, per_user, replace=False, p=weights / weights.sum())) for _ in range(n_users)]
+    indices = np.concatenate(rows)
+    indptr = np.arange(n_users + 1) * per_user
+    return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n_users, n_items))
+
+
+def fit(data, **params) -> BPR:
+    return BPR(seed=7, deterministic=True, **params).fit(data)
+
+
+def test_deterministic_mode_reproduces_exactly(small) -> None:
+    a, b = fit(small, epochs=15), fit(small, epochs=15)
+    for name in ("user_factors", "item_factors", "item_bias"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert a.history == b.history
+    other = BPR(seed=8, deterministic=True, epochs=15).fit(small)
+    assert not np.array_equal(a.item_factors, other.item_factors)
+
+
+def test_factors_are_float32_with_cache_line_aligned_rows(small) -> None:
+    model = fit(small, epochs=1)
+    assert model.user_factors.shape == (small.n_users, 64) and model.item_factors.shape == (small.n_items, 64)
+    for array in (model.user_factors, model.item_factors):
+        assert array.dtype == np.float32 and array.ctypes.data % 64 == 0 and array.flags.c_contiguous
+    assert model.item_bias.shape == (small.n_items,) and model.item_bias.dtype == np.float32
+    assert aligned_zeros(3, 5).ctypes.data % 64 == 0
+
+
+def test_loss_decreases_and_sampled_auc_rises(small) -> None:
+    model = fit(small, epochs=30)
+    loss, auc = model.history["epoch_loss"], model.history["epoch_auc"]
+    assert len(loss) == len(auc) == 30
+    assert loss[-1] < 0.7 * loss[0]
+    assert auc[-1] > auc[0] and auc[-1] > 0.8
+
+
+def test_learns_planted_structure_better_than_popularity() -> None:
+    data, held_out = planted(n_users=300, n_items=120, per_user=15, seed=3)
+
+    def hit_rate(model) -> float:
+        items, _ = model.recommend(np.arange(data.n_users), k=10)
+        return float(np.mean([h in row for h, row in zip(held_out, items, strict=True)]))
+
+    bpr, pop = hit_rate(fit(data)), hit_rate(Popularity().fit(data))
+    assert bpr > pop + 0.05, (bpr, pop)
+
+
+@pytest.mark.parametrize(
+    ("shape", "per_user", "dense"),
+    [((40, 30), 9, True), ((300, 3000), 5, False)],
+    ids=["dense-bitset", "hashed-bitset"],
+)
+def test_membership_is_exact_and_negatives_are_never_seen(shape, per_user, dense) -> None:
+    seen = random_seen(*shape, per_user)
+    sampler = Sampler(seen, popularity=False)
+    assert (sampler.shift == 0) == dense
+    users, items = np.divmod(np.arange(shape[0] * shape[1]), shape[1])
+    np.testing.assert_array_equal(sampler.is_seen(users, items), seen.toarray().ravel() > 0)
+    for popularity in (False, True):
+        sampler.popularity = popularity
+        users = np.repeat(np.arange(shape[0]), 200)
+        negatives = sampler.negatives(users, seed=1)
+        assert (negatives >= 0).all()
+        assert not seen[users, negatives].any()
+
+
+def test_a_user_who_saw_everything_is_skipped_not_looped() -> None:
+    data = make_interactions([0, 0, 0, 1], [0, 1, 2, 0], n_users=2, n_items=3)
+    sampler = Sampler(data.matrix, popularity=False)
+    assert (sampler.negatives(np.zeros(5, np.int64), seed=1) == -1).all()
+    assert set(sampler.negatives(np.ones(50, np.int64), seed=1).tolist()) == {1, 2}
+    model = fit(data, epochs=3)
+    assert np.isfinite(model.history["epoch_loss"]).all()
+
+
+def test_popularity_sampling_follows_popularity_and_uniform_does_not() -> None:
+    seen = random_seen(400, 50, 10, seed=2, skew=1.0)
+    popularity = np.asarray(seen.sum(axis=0)).ravel()
+    probe = sp.csr_matrix((np.ones(1, np.float32), [0], [0, 1]), shape=(1, 50))  # a user who saw item 0
+    seen_with_probe = sp.vstack([seen, probe]).tocsr()
+    user = np.full(100_000, 400)
+    counts = {}
+    for mode in (True, False):
+        counts[mode] = np.bincount(Sampler(seen_with_probe, popularity=mode).negatives(user, seed=3), minlength=50)
+        assert counts[mode][0] == 0  # the probe's own item is never a negative
+    expected = popularity[1:] / popularity[1:].sum()
+    np.testing.assert_allclose(counts[True][1:] / 100_000, expected, atol=0.01)
+    np.testing.assert_allclose(counts[False][1:] / 100_000, 1 / 49, atol=0.01)
+
+
+def test_early_stopping_stops_and_keeps_the_best_state(small) -> None:
+    # Relevant items exist only beyond the train catalogue (cold): NDCG stays 0, so patience runs out.
+    cold = sp.csr_matrix(
+        (np.ones(small.n_users, bool), (np.arange(small.n_users), np.full(small.n_users, small.n_items))),
+        shape=(small.n_users, small.n_items + 1),
+    )
+    model = BPR(seed=1, deterministic=True, epochs=100, eval_every=2, patience=3).fit(small, cold)
+    assert model.history["eval_epoch"] == [2.0, 4.0, 6.0, 8.0]
+    assert len(model.history["epoch_loss"]) == 8 and model.history["epoch_ndcg_at_10"] == [0.0] * 4
+
+    data, held_out = planted(n_users=200, n_items=80, per_user=12, seed=5)
+    truth = sp.csr_matrix((np.ones(len(held_out), bool), (np.arange(len(held_out)), held_out)), shape=data.matrix.shape)
+    model = BPR(seed=1, deterministic=True, epochs=60, eval_every=3, patience=2).fit(data, truth)
+    curve = model.history["epoch_ndcg_at_10"]
+    assert len(curve) >= 2 and max(curve) > 0
+    from mfpipe.evaluation import per_user_metrics
+
+    items, _ = model.recommend(np.arange(data.n_users), 10)
+    assert np.mean(per_user_metrics(items, truth, 10)["ndcg"]) == pytest.approx(max(curve))
+
+
+def test_divergence_is_a_failed_run_and_threads_are_restored(small) -> None:
+    before = numba.get_num_threads()
+    with pytest.raises(MfpipeError, match="diverged") as info:
+        BPR(seed=1, learning_rate=1e30, epochs=20, threads=1).fit(small)
+    assert info.value.exit_code == 1
+    assert numba.get_num_threads() == before
+
+
+def test_hogwild_threads_learn_too(small) -> None:
+    model = BPR(seed=1, epochs=30, threads=2).fit(small)
+    assert model.n_threads == min(2, numba.config.NUMBA_NUM_THREADS)
+    assert model.history["epoch_loss"][-1] < 0.7 * model.history["epoch_loss"][0]
+
+
+def test_invalid_params_are_one_line_errors() -> None:
+    with pytest.raises(MfpipeError, match="negative_sampling"):
+        BPR(negative_sampling="zipf")
