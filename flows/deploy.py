@@ -79,15 +79,19 @@ def _deployment_options(config: Config, cron: str, timezone: str) -> dict[str, A
 
 
 def serve(config: Config, cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIMEZONE) -> None:
-    """Create `retrain/scheduled` and execute its runs in this process until SIGINT/SIGTERM.
+    """Create `retrain/scheduled` and execute its runs from this process until SIGINT/SIGTERM.
 
     The schedule is not paused on shutdown (`pause_on_shutdown=False`): Prefect would otherwise delete
-    the scheduled runs when serving stops.
+    the scheduled runs when serving stops. Runs load the flow from its module entrypoint in a fresh
+    `python -m prefect.engine` process, as a worker does (`flow.serve` would instead pickle the flow
+    function by value, which loses the names its postponed annotations refer to, such as `Config`).
     """
+    from prefect import serve as serve_deployments
+
     from flows.retrain import retrain
 
-    options = _deployment_options(config, cron, timezone)
-    retrain.serve(**options, pause_on_shutdown=False)
+    deployment = retrain.to_deployment(**_deployment_options(config, cron, timezone))
+    serve_deployments(deployment, pause_on_shutdown=False)
 
 
 def api_url() -> str:

@@ -249,12 +249,15 @@ def split_interactions(data: Interactions, options: SplitOptions) -> Split:
     assignment, cutoff, test_cutoff = _assign(data, options)
     sizes = np.bincount(assignment, minlength=3)
     where = f"cutoff {_iso(cutoff)}" if cutoff is not None else f"seed {options.seed}"
-    for side, n in (("train", sizes[0]), ("validation", sizes[1])) + ((("test", sizes[2]),) if test_cutoff else ()):
+    hint = (
+        "choose another --cutoff-quantile/--cutoff or --test-quantile"
+        if options.protocol == "temporal"
+        else "every group has too few interactions to hold out 25%"
+    )
+    sides = ["train", "validation"] + (["test"] if test_cutoff is not None else [])
+    for side, n in zip(sides, sizes, strict=False):
         if n == 0:
-            raise MfpipeError(
-                f"{_label(data)}: the {options.protocol} split ({where}) leaves {side} empty; "
-                "choose another --cutoff-quantile/--cutoff or --test-quantile"
-            )
+            raise MfpipeError(f"{_label(data)}: the {options.protocol} split ({where}) leaves {side} empty; {hint}")
     empty = np.empty(0, np.int64)
     train, train_users, train_items = _part(data, assignment == 0, empty, empty)
     validation, _, _ = _part(data, assignment == 1, train_users, train_items)

@@ -285,3 +285,9 @@ def test_cli_split_test_slice_and_bad_flag(tmp_path):
     bad = CliRunner().invoke(app, ["split", str(ML_SMALL), "--out", str(tmp_path / "x"), "--cutoff", "1990-01-01"])
     assert isinstance(bad.exception, MfpipeError) and "leaves train empty" in str(bad.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_random_protocol_with_nothing_to_hold_out_is_an_error():
+    data = make(np.arange(12), np.arange(12) % 3, np.arange(12))  # one interaction per user: all stay in train
+    with pytest.raises(MfpipeError, match="leaves validation empty; every group has too few"):
+        split_interactions(data, SplitOptions(protocol="random-per-user"))

@@ -199,15 +199,11 @@ def _parse(source: TableSource, sep: str, header: list[str] | None, picked: dict
         kwargs.update(sep=re.escape(sep), engine="python")
     else:
         kwargs.update(sep=sep)
-    frame = None
-    for dtype in ({label(name): "float64" for name in numeric}, {}):
-        try:
-            frame = _read_csv(source, kwargs, {**dict.fromkeys(map(label, wanted), str), **dtype})
-            break
-        except ValueError as exc:  # a value that is not a number: read as text, convert per value
-            if isinstance(exc, pd.errors.ParserError) or not dtype:
-                raise
-    assert frame is not None
+    ids = dict.fromkeys(map(label, wanted), str)
+    try:
+        frame = _read_csv(source, kwargs, {**ids, **{label(name): "float64" for name in numeric}})
+    except ValueError:  # a value that is not a number (or an ISO date): read as text, converted per value later
+        frame = _read_csv(source, kwargs, ids)
     if sep == "::":
         frame = _drop_colon_gaps(source.label, frame)
     if not header:

@@ -86,9 +86,13 @@ def fetch(name: str, data_home: Path, base_url: str = BASE_URL) -> Path:
         raise MfpipeError(
             f"{url}: checksum mismatch (expected MD5 {md5}); the download was discarded; {by_hand}"
         ) from None
-    except (requests.RequestException, OSError) as exc:
-        reason = type(exc).__name__ if isinstance(exc, requests.RequestException) else str(exc)
-        raise MfpipeError(f"{url}: download failed ({reason}; offline?); {by_hand}") from None
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise MfpipeError(f"{url}: download failed (HTTP {status}); {by_hand}") from None
+    except requests.RequestException as exc:
+        raise MfpipeError(f"{url}: download failed ({type(exc).__name__}: offline?); {by_hand}") from None
+    except OSError as exc:
+        raise MfpipeError(f"{target}: cannot store the download ({exc.strerror or exc}); {by_hand}") from None
     return Path(data_home) / name
 
 

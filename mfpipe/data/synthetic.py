@@ -144,8 +144,9 @@ def _unique_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw until each user of the chunk (a contiguous index range) has `want[u]` distinct items.
 
-    Draws are i.i.d., so keeping the first `want` distinct items in draw order is an unbiased trim.
-    Only users still short are carried into the next round.
+    One sort per round by (user, random item order) groups a user's draws, puts duplicates side by side,
+    and makes "the first `want`" a uniformly random subset of the distinct items drawn (no bias by item
+    index). Only users still short are carried into the next round.
     """
     base = users[0]
     done: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -156,10 +157,11 @@ def _unique_pairs(
         draws = np.repeat(short, np.ceil(need * factor).astype(np.int64) + 2)
         items, times = world.draw(rng, draws, mode)
         u, i, t = np.concatenate([cur_u, draws]), np.concatenate([cur_i, items]), np.concatenate([cur_t, times])
-        _, first = np.unique(u * world.n_items + i, return_index=True)
-        first.sort()  # back to draw order (np.unique sorted by key), then grouped by user
-        first = first[np.argsort(u[first], kind="stable")]
-        u, i, t = u[first], i[first], t[first]
+        key = (u << 32) | rng.permutation(world.n_items)[i]
+        order = np.argsort(key)
+        key, u, i, t = key[order], u[order], i[order], t[order]
+        distinct = np.append(True, key[1:] != key[:-1])
+        u, i, t = u[distinct], i[distinct], t[distinct]
         starts = np.searchsorted(u, short)
         rank = np.arange(len(u)) - np.repeat(starts, np.diff(np.append(starts, len(u))))
         keep = rank < want[u - base]
@@ -194,7 +196,11 @@ def generate(n_interactions: int, seed: int = 42) -> Interactions:
         u, i, t = u[order], i[order], t[order]
         parts.append((u.astype(np.int32), i, T0 + t, world.ratings(rng, u, i)))
     users_, items, times, ratings = (np.concatenate(p) for p in zip(*parts, strict=True))
-    used, items = np.unique(items, return_inverse=True)
+    # item indices in order of first appearance, as `to_interactions` factorizes a parsed file: the
+    # generated value and its canonical frame converted back are identical (same digest)
+    used, first, items = np.unique(items, return_index=True, return_inverse=True)
+    appearance = np.argsort(first)
+    used, items = used[appearance], np.argsort(appearance)[items]
     label = size_label(n_interactions)
     year = 2012 + np.floor(world.released[used]).astype(int)
     return Interactions(

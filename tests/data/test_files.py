@@ -43,6 +43,7 @@ BAD_INPUTS = {
     "header only": (lambda t: write(t, "h.csv", "user_id,item_id,rating,timestamp\n"), {}, "no data rows"),
     "binary garbage": (lambda t: write(t, "junk.csv", random.Random(0).randbytes(5000)), {}, "binary"),
     "gzip without .gz": (_gzip_named_csv, {}, "gzip-compressed but not named .gz"),
+    "truncated gzip": (lambda t: write(t, "r.csv.gz", gzip.compress(GOOD.encode())[:-12]), {}, "truncated"),
     ".gz that is not gzip": (lambda t: write(t, "r.csv.gz", GOOD), {}, "not gzip-compressed"),
     "wrong delimiter": (lambda t: write(t, "r.csv", GOOD.replace(",", "#")), {}, "wrong delimiter"),
     "wrong --sep": (lambda t: write(t, "r.csv", GOOD.replace(",", ";")), {"sep": ","}, "check --sep"),

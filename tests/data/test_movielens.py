@@ -145,3 +145,9 @@ def test_older_layouts_in_zip_and_folder(tmp_path, name):
         assert frame["rating"].tolist()[0] in (3.0, 5.0) and frame["timestamp"].notna().all()
     titles = frame.attrs["titles"]
     assert titles.get("242") == "Kolya (1996)" or titles.get("661") == "Café: Paris (1996)"
+
+
+def test_missing_archive_on_the_server_is_reported_with_its_status(mirror, tmp_path):
+    _, url, _ = mirror
+    with pytest.raises(MfpipeError, match=r"ml-1m\.zip: download failed \(HTTP 404\); place ml-1m\.zip by hand"):
+        read_frame("ml-1m", DataOptions(movielens_url=url), tmp_path / "home")

@@ -2,8 +2,8 @@
 
 `postgres`: a throw-away PostgreSQL cluster (Debian binaries, `make services-deps`); `mlflow_server`:
 `mlflow server` on that PostgreSQL; `prefect_server`: `prefect server start` with its own PREFECT_HOME.
-They are started with the same helper as `mfpipe up` (mfpipe.services) and stopped at the end of the
-session. Tests opt in to a server for their client side with the `prefect_api` / `mlflow_tracking`
+The two servers start together, with the same helper as `mfpipe up` (mfpipe.services), and stop at the
+end of the session. Tests opt in to a server for their client side with the `prefect_api` / `mlflow_tracking`
 fixtures, which point this process (and child processes) at it.
 """
 
@@ -117,33 +117,45 @@ def _drain_prefect_clients() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
+@dataclass(frozen=True)
+class Servers:
+    prefect_api_url: str
+    mlflow_url: str
+
+
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`prefect server start` (sqlite in its own PREFECT_HOME); yields the API URL."""
+def _servers(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """Both servers, started at once (their 10-20 s start-ups overlap) and stopped at the session's end.
+
+    Prefect: sqlite in its own PREFECT_HOME. MLflow: the PostgreSQL backend, artifacts in a temp dir.
+    """
     home = tmp_path_factory.mktemp("prefect-home")
-    [service] = services.start_services(
-        [lambda: services.prefect_server(services.free_port(), home / "server.log", home=home)]
-    )
-    try:
-        yield services.prefect_api_url(service)
-    finally:
-        _drain_prefect_clients()
-        service.stop()
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server` with the PostgreSQL backend and a temp artifact root; yields its tracking URI."""
     root = tmp_path_factory.mktemp("mlflow-server")
     backend = postgres.url("mlflow")
-    port = services.free_port()
-    [service] = services.start_services(
-        [lambda: services.mlflow_server(port, backend, root / "artifacts", root / "server.log")]
+    prefect_port, mlflow_port = services.free_port(), services.free_port()
+    prefect, mlflow = services.start_services(
+        [
+            lambda: services.prefect_server(prefect_port, home / "server.log", home=home),
+            lambda: services.mlflow_server(mlflow_port, backend, root / "artifacts", root / "server.log"),
+        ]
     )
     try:
-        yield service.url
+        yield Servers(services.prefect_api_url(prefect), mlflow.url)
     finally:
-        service.stop()
+        _drain_prefect_clients()
+        services.stop_all([prefect, mlflow])
+
+
+@pytest.fixture(scope="session")
+def prefect_server(_servers: Servers) -> str:
+    """`prefect server start` on 127.0.0.1; its API URL."""
+    return _servers.prefect_api_url
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_servers: Servers) -> str:
+    """`mlflow server` on PostgreSQL on 127.0.0.1; its tracking URI."""
+    return _servers.mlflow_url
 
 
 @pytest.fixture

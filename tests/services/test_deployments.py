@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from mfpipe import services
+from mfpipe.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "retrain/scheduled"
@@ -208,3 +209,19 @@ def _wait_for_deployment(ready: Any, log: Path, timeout: float = 180) -> Any:
             pass
         time.sleep(1)
     raise AssertionError(f"deployment not served within {timeout} s: {log.read_text()[-3000:]}")
+
+
+def test_prefect_yaml_deploys_the_same_deployment_with_prefects_cli(prefect_api: str, tmp_path: Path) -> None:
+    from flows import deploy
+
+    deploy.ensure_work_pool(deploy.DEFAULT_WORK_POOL)
+    result = subprocess.run(
+        [services.executable("prefect"), "--no-prompt", "deploy", "--all"],
+        env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    deployment = _read_deployment()
+    assert (deployment.entrypoint, deployment.work_pool_name) == ("flows.retrain.retrain", deploy.DEFAULT_WORK_POOL)
+    [schedule] = deployment.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == (deploy.DEFAULT_CRON, deploy.DEFAULT_TIMEZONE)
+    assert deployment.parameters == deploy.parameters(Config())

@@ -1,0 +1,145 @@
+"""The retrain flow end to end on small synthetic data, with the store in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.retrain import retrain
+from mfpipe import tracking
+from mfpipe.cli import app
+from mfpipe.config import load_config
+from mfpipe.errors import MfpipeError
+
+DATA = "synthetic:20000"
+NAME = "mfpipe-synthetic-20k"
+FAST = {
+    "svd": {"n_epochs": 5, "n_factors": 16},
+    "als": {"iterations": 3, "factors": 16},
+    "bpr": {"epochs": 10, "factors": 16},
+}
+REPORT_KEYS = {"dataset", "protocol", "split", "models", "champion"}
+MODEL_KEYS = {"model", "status", "error", "metrics", "train_seconds", "run_id", "registered_model", "version"}
+SPLIT_KEYS = {"protocol", "seed", "cutoff", "relevance_threshold", "n_train", "n_validation", "n_test",
+              "cold_users", "cold_items", "evaluable_users"}  # fmt: skip
+
+
+def config(store: str, **overrides):
+    return load_config(overrides={"data": DATA, "tracking_uri": store, "model_params": FAST, "threads": 2, **overrides})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def first(store):
+    """The first run into an empty store: every model, the best becomes champion."""
+    return retrain(config(store))
+
+
+def test_every_model_runs_and_the_report_has_the_contract_layout(first):
+    report = first.report
+    assert set(report) == REPORT_KEYS
+    assert set(report["dataset"]) == {"name", "digest", "rows"} and report["dataset"]["name"] == "synthetic-20k"
+    assert set(report["split"]) >= SPLIT_KEYS
+    assert [m["model"] for m in report["models"]] == ["svd", "als", "bpr", "pop"]
+    for m in report["models"]:
+        assert set(m) == MODEL_KEYS
+        assert m["status"] == "ok" and m["error"] is None and m["registered_model"] == NAME
+        assert 0 <= m["metrics"]["ndcg@10"] <= 1 and m["train_seconds"] > 0
+    champion = report["champion"]
+    assert set(champion) == {"registered_model", "before", "after", "promoted", "reason"}
+    best = max(report["models"], key=lambda m: m["metrics"]["ndcg@10"])
+    assert champion["promoted"] and champion["before"]["version"] is None
+    assert champion["after"] == {
+        "version": best["version"],
+        "ndcg@10": pytest.approx(best["metrics"]["ndcg@10"], abs=1e-6),
+    }
+    json.dumps(report)  # serialisable as is
+
+
+def test_mlflow_holds_parent_child_runs_lineage_and_champion(first, store):
+    s = tracking.open_store(store)
+    client = s.client()
+    version = tracking.alias_version(s, NAME, tracking.CHAMPION)
+    assert version.version == first.report["champion"]["after"]["version"]
+    for key in ("dataset_digest", "split_digest", "config_hash", "seed", "mfpipe_version", "ndcg_at_10", "model"):
+        assert key in version.tags
+    assert version.tags["dataset_digest"] == first.report["dataset"]["digest"]
+    child = client.get_run(version.run_id)
+    parent_id = child.data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    assert "prefect.flow_run_id" in parent.data.tags
+    assert child.data.metrics["ndcg_at_10"] == pytest.approx(first.report["champion"]["after"]["ndcg@10"])
+    assert {"ndcg_at_10_all", "ndcg_at_10_cold"} & set(child.data.metrics)
+    bpr = next(m for m in first.report["models"] if m["model"] == "bpr")
+    history = client.get_metric_history(bpr["run_id"], "epoch_loss")
+    assert [h.step for h in history] == list(range(1, len(history) + 1)) and len(history) > 1
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"validation", "split", "plots", "environment.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert {"plots/metric_comparison.png", "plots/ndcg_by_activity.png", "plots/learning_curves.png"} <= plots
+    assert parent.inputs.dataset_inputs[0].dataset.digest == first.report["dataset"]["digest"]
+
+
+def test_second_identical_run_keeps_the_champion(first, store):
+    second = retrain(config(store))
+    champion = second.report["champion"]
+    assert not champion["promoted"], champion["reason"]
+    assert champion["before"]["version"] == champion["after"]["version"] == first.report["champion"]["after"]["version"]
+    assert "interval" in champion["reason"]
+    challenger = tracking.alias_version(tracking.open_store(store), NAME, tracking.CHALLENGER)
+    best = max(second.report["models"], key=lambda m: m["metrics"]["ndcg@10"])
+    assert challenger.version == best["version"]
+
+
+def test_a_failing_model_does_not_stop_the_others(tmp_path):
+    store = f"sqlite:///{tmp_path / 's' / 'mlflow.db'}"
+    params = {**FAST, "bpr": {"epochs": 5, "learning_rate": 1e30}}  # diverges: NaN loss
+    outcome = retrain(config(store, models=["bpr", "pop"], model_params=params))
+    bpr, pop = outcome.report["models"]
+    assert bpr["status"] == "failed" and "diverged" in bpr["error"] and bpr["version"] is None
+    assert bpr["run_id"] is not None  # recorded as a failed child run
+    assert tracking.open_store(store).client().get_run(bpr["run_id"]).info.status == "FAILED"
+    assert pop["status"] == "ok" and outcome.report["champion"]["after"]["version"] == pop["version"]
+
+
+def test_failed_validation_trains_nothing_and_moves_nothing(first, store, tmp_path):
+    bad = tmp_path / "ratings.csv"
+    rows = [f"u{i % 30},i{i % 50},{99 if i == 7 else 4},{1_500_000_000 + i}" for i in range(600)]
+    bad.write_text("user_id,item_id,rating,timestamp\n" + "\n".join(rows) + "\n")
+    s = tracking.open_store(store)
+    versions = len(tracking.list_versions(s, NAME))
+    champion = tracking.alias_version(s, NAME, tracking.CHAMPION).version
+    with pytest.raises(MfpipeError, match="validation failed"):
+        retrain(config(store, data=str(bad), registered_model=NAME))
+    assert len(tracking.list_versions(s, NAME)) == versions
+    assert tracking.alias_version(s, NAME, tracking.CHAMPION).version == champion
+
+
+def test_cli_recommend_champion_promote(first, store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    runner = CliRunner()
+    for user in ("1", "a user never seen"):  # a train user of the synthetic data, and a cold one
+        out = runner.invoke(app, ["recommend", "--user", user, "--k", "5", "--dataset", "synthetic-20k", "--json"])
+        assert out.exit_code == 0, out.output
+        answer = json.loads(out.output)
+        assert len(answer["items"]) == 5 and all(isinstance(r["item_id"], str) for r in answer["items"])
+    shown = runner.invoke(app, ["champion", "--dataset", "synthetic-20k"])
+    current = first.report["champion"]["after"]["version"]
+    assert shown.exit_code == 0 and f"champion: {NAME} v{current}" in shown.output
+    other = next(m["version"] for m in first.report["models"] if m["version"] != current)
+    moved = runner.invoke(app, ["promote", "--version", other, "--reason", "hand test", "--dataset", "synthetic-20k"])
+    assert moved.exit_code == 0, moved.output
+    s = tracking.open_store(store)
+    now = tracking.alias_version(s, NAME, tracking.CHAMPION)
+    assert now.version == other and "hand test" in now.tags["champion.reason"]
+    back = runner.invoke(app, ["promote", "--rollback", "--dataset", "synthetic-20k"])
+    assert back.exit_code == 0, back.output
+    assert tracking.alias_version(s, NAME, tracking.CHAMPION).version == current
+    both = runner.invoke(app, ["promote", "--dataset", "synthetic-20k"])
+    assert isinstance(both.exception, MfpipeError) and both.exception.exit_code == 2
