@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,7 @@ class RunOutcome:
     test_ndcg: float | None
     parent_run_link: str
     ui_command: str
+    stage_seconds: dict[str, float]
 
     @property
     def failed(self) -> bool:
@@ -211,14 +214,32 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, MfpipeError) else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class Stages:
+    """Wall time per stage, to tell compute (load ... evaluate) from orchestration and tracking."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
 @flow(name="retrain", description="Load, validate, split, train all models in parallel, evaluate, register, promote.")
 def retrain(config: Config) -> RunOutcome:
     """One retraining run for `config` (a typed form in the Prefect UI)."""
     logger = get_run_logger()
     task_runner(config, 1)  # fail fast on a Dask runner without a Prefect server
+    stage = Stages()
     key = pipeline.source_key(config)
-    frame = load_data(config, key)
-    validated = validate(frame, config, key)
+    with stage("load"):
+        frame = load_data(config, key)
+    with stage("validate"):
+        validated = validate(frame, config, key)
     create_markdown_artifact(
         pipeline.validation_markdown(validated),
         key="validation-summary",
@@ -227,7 +248,8 @@ def retrain(config: Config) -> RunOutcome:
     if not validated.success:
         raise MfpipeError(f"validation failed, nothing was trained: {validated.error}")
     logger.info(f"Data passed validation ({config.data}, {len(frame):,} rows)")
-    data, split = split_data(frame, config, key)
+    with stage("split"):
+        data, split = split_data(frame, config, key)
     s = split.summary
     logger.info(
         f"Split {s.protocol}: {s.n_train:,} train / {s.n_validation:,} validation rows, "
@@ -235,13 +257,18 @@ def retrain(config: Config) -> RunOutcome:
     )
     for warning in s.warnings:
         logger.warning(warning)
-    ctx = open_run(config, data, split, validated)
+    if config.skip_unchanged and unchanged(config, data):
+        logger.info(f"{data.name} is unchanged since the last finished run (digest {data.digest}): nothing to do")
+        return RunOutcome(pipeline.unchanged_report(data, split, config), 0.0, 0.0, None, "", "", stage.seconds)
+    with stage("tracking"):
+        ctx = open_run(config, data, split, validated)
     try:
-        outcome = _train_and_promote(ctx, data, split, config)
+        outcome = _train_and_promote(ctx, data, split, config, stage)
     except BaseException as exc:
         pipeline.close_run(ctx, ok=False, error=_one_line(exc))
         raise
-    timing = {"train_wall_seconds": outcome.train_wall_seconds, "train_sum_seconds": outcome.train_sum_seconds}
+    timing = {f"stage_{name}_seconds": value for name, value in stage.seconds.items()}
+    timing |= {"train_wall_seconds": outcome.train_wall_seconds, "train_sum_seconds": outcome.train_sum_seconds}
     pipeline.close_run(ctx, ok=not outcome.failed, error=None, metrics=timing)
     if outcome.failed:
         failures = "; ".join(f"{m['model']}: {m['error']}" for m in outcome.report["models"])
@@ -249,43 +276,63 @@ def retrain(config: Config) -> RunOutcome:
     return outcome
 
 
-def _train_and_promote(ctx: pipeline.RunContext, data: Interactions, split: Split, config: Config) -> RunOutcome:
+@task(name="check for new data", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def unchanged(config: Config, data: Interactions) -> bool:
+    """True when the last finished run of this dataset saw the same digest (`skip_unchanged`)."""
+    from mfpipe import tracking
+
+    store = tracking.open_store(config.tracking_uri)
+    with tracking.tracking_errors(store):
+        return tracking.last_run_digest(store, data.name) == data.digest
+
+
+def _train_and_promote(
+    ctx: pipeline.RunContext, data: Interactions, split: Split, config: Config, stage: Stages
+) -> RunOutcome:
     logger = get_run_logger()
-    trained, errors, train_wall = train_all(split, config)
+    with stage("train"):
+        trained, errors, train_wall = train_all(split, config)
     train_sum = sum(t.train_seconds for t in trained.values())
     logger.info(f"Training took {train_wall:.1f} s of wall time for {train_sum:.1f} s of model fitting")
-    evaluations = {name: evaluate.submit(t, split, config) for name, t in trained.items()}
-    results = []
-    for name in config.models:
-        result = pipeline.ModelResult(name, "failed", error=errors.get(name))
-        if name in trained:
+    with stage("evaluate"):
+        evaluations = {name: evaluate.submit(t, split, config) for name, t in trained.items()}
+        reports, failures = {}, dict(errors)
+        for name, future in evaluations.items():
             try:
-                report = evaluations[name].result()
+                reports[name] = future.result()
+            except Exception as exc:
+                failures[name] = _one_line(exc)
+                logger.warning(f"{name} could not be evaluated: {failures[name]}")
+    results = []
+    with stage("tracking"):
+        for name in config.models:
+            if name in reports:
                 t = trained[name]
                 result = pipeline.ModelResult(
-                    name, "ok", train_seconds=t.train_seconds, evaluation=report, history=t.model.history
+                    name, "ok", train_seconds=t.train_seconds, evaluation=reports[name], history=t.model.history
                 )
-            except Exception as exc:
-                result.error = _one_line(exc)
-                logger.warning(f"{name} could not be evaluated: {result.error}")
-        results.append(record_model(ctx, result, trained.get(name) if result.status == "ok" else None, split, config))
+            else:
+                result = pipeline.ModelResult(name, "failed", error=failures.get(name))
+            results.append(record_model(ctx, result, trained.get(name) if name in reports else None, split, config))
     for r in results:
         if r.status == "ok":
             logger.info(
                 f"{r.model}: NDCG@{config.k} {r.score:.4f} (warm users), registered as "
                 f"{r.registered_model} v{r.version}"
             )
-    decision = promote(ctx, results, split, config)
-    logger.info(f"Promotion: {decision.reason}")
-    test_ndcg = score_test(ctx, decision, results, {n: t.model for n, t in trained.items()}, split, config)
+    with stage("promote"):
+        decision = promote(ctx, results, split, config)
+        logger.info(f"Promotion: {decision.reason}")
+        test_ndcg = score_test(ctx, decision, results, {n: t.model for n, t in trained.items()}, split, config)
     if test_ndcg is not None and math.isfinite(test_ndcg):
         logger.info(f"Champion v{decision.after_version} on the test slice: NDCG@{config.k} {test_ndcg:.4f}")
-    plots(ctx, results, split, config)
-    create_markdown_artifact(
-        pipeline.leaderboard_markdown(results, config.k),
-        key="leaderboard",
-        description=f"{data.name}: validation metrics of warm users",
-    )
+    with stage("tracking"):
+        plots(ctx, results, split, config)
+        create_markdown_artifact(
+            pipeline.leaderboard_markdown(results, config.k),
+            key="leaderboard",
+            description=f"{data.name}: validation metrics of warm users",
+        )
     report = pipeline.build_report(
         data, split, results, pipeline.champion_json(ctx.registered_model, decision, config.k)
     )
@@ -296,6 +343,7 @@ def _train_and_promote(ctx: pipeline.RunContext, data: Interactions, split: Spli
         test_ndcg,
         ctx.store.run_link(ctx.experiment_id, ctx.parent_run_id),
         ctx.store.ui_command(),
+        stage.seconds,
     )
 
 

@@ -386,6 +386,7 @@ def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
     console.print(
         f"training: {outcome.train_wall_seconds:.1f} s wall for {outcome.train_sum_seconds:.1f} s of model fitting"
     )
+    console.print("stages (s): " + ", ".join(f"{name} {sec:.1f}" for name, sec in outcome.stage_seconds.items()))
     if outcome.test_ndcg is not None:
         console.print(f"champion on the test slice: ndcg@{k} {outcome.test_ndcg:.4f}")
     if json_report is not None:

@@ -249,8 +249,9 @@ def best(results: list[ModelResult]) -> ModelResult | None:
     return max(finished, key=lambda r: r.score, default=None)
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else round(float(value), 6)
+def _finite(value: float | None) -> float | None:
+    """JSON and tags have no NaN: an undefined figure is None."""
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def champion_json(name: str, decision: Any, k: int) -> dict[str, Any]:
@@ -258,8 +259,8 @@ def champion_json(name: str, decision: Any, k: int) -> dict[str, Any]:
     key = display_name("ndcg", k)
     return {
         "registered_model": name,
-        "before": {"version": decision.before_version, key: _round(decision.before_score)},
-        "after": {"version": decision.after_version, key: _round(decision.after_score)},
+        "before": {"version": decision.before_version, key: _finite(decision.before_score)},
+        "after": {"version": decision.after_version, key: _finite(decision.after_score)},
         "promoted": bool(decision.promoted),
         "reason": decision.reason,
     }
@@ -527,7 +528,7 @@ def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, 
             **ctx.lineage,
             "model": result.model,
             "train_seconds": round(trained.train_seconds, 3),
-            **{key: _round(metrics.get(key)) for key in _version_metric_keys(config.k)},
+            **{key: _finite(metrics.get(key)) for key in _version_metric_keys(config.k)},
         }
         result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
         result.registered_model = ctx.registered_model
@@ -650,3 +651,19 @@ def dataset_name(spec: str) -> str:
         return path.name.removesuffix(".zip") if path.suffix.lower() == ".zip" else loader._stem(path)
     size = loader.synthetic_size(spec)
     return f"synthetic-{synthetic.size_label(size)}" if size is not None else spec
+
+
+def unchanged_report(data: Interactions, split: Split, config: Config) -> dict:
+    """The report of a run skipped because the data did not change: no models, the champion untouched."""
+    from mfpipe import tracking
+
+    store = tracking.open_store(config.tracking_uri)
+    name = tracking.registered_model_name(data.name, config.registered_model)
+    with tracking.tracking_errors(store):
+        current = tracking.alias_version(store, name, tracking.CHAMPION)
+    version = current.version if current else None
+    decision = tracking.Decision(
+        name, False, f"data unchanged (digest {data.digest}): nothing trained", config.promotion_rule, None,
+        before_version=version, after_version=version,
+    )  # fmt: skip
+    return build_report(data, split, [], champion_json(name, decision, config.k))

@@ -92,10 +92,14 @@ def executable(name: str) -> str:
     return found
 
 
+#: Health checks go straight to 127.0.0.1, never through an HTTP proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """True when GET `url` answers 2xx."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with _DIRECT.open(url, timeout=timeout) as response:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError):
         return False
@@ -140,7 +144,7 @@ def spawn(
     return Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path)
 
 
-def start_services(starters: Sequence[Callable[[], Service]], timeout: float = 180.0) -> list[Service]:
+def start_services(starters: Sequence[Callable[[], Service]], timeout: float = 300.0) -> list[Service]:
     """Start every service at once (their start-ups overlap), wait for all; on failure stop those started."""
     services: list[Service] = []
     try:
@@ -247,7 +251,7 @@ def up(
     log_dir: Path,
     on_ready: Callable[[UpResult], None],
     host: str = LOCALHOST,
-    timeout: float = 180.0,
+    timeout: float = 300.0,
 ) -> None:
     """Start a Prefect server and an MLflow server over the project's store, report, run until Ctrl-C.
 

@@ -169,7 +169,7 @@ def _unique_pairs(
         full = np.bincount(u - base, minlength=len(users))[u - base] >= want[u - base]
         done.append((u[full], i[full], t[full]))
         cur_u, cur_i, cur_t = u[~full], i[~full], t[~full]
-        short = np.unique(cur_u)
+        short = cur_u[np.append(True, cur_u[1:] != cur_u[:-1])] if len(cur_u) else cur_u  # sorted: no np.unique
         if len(short) == 0:
             break
     done.append((cur_u, cur_i, cur_t))
@@ -198,16 +198,20 @@ def generate(n_interactions: int, seed: int = 42) -> Interactions:
     users_, items, times, ratings = (np.concatenate(p) for p in zip(*parts, strict=True))
     # item indices in order of first appearance, as `to_interactions` factorizes a parsed file: the
     # generated value and its canonical frame converted back are identical (same digest)
-    used, first, items = np.unique(items, return_index=True, return_inverse=True)
-    appearance = np.argsort(first)
-    used, items = used[appearance], np.argsort(appearance)[items]
+    first = np.full(world.n_items, len(items))
+    np.minimum.at(first, items, np.arange(len(items)))  # O(n): np.unique would sort 10M rows
+    used = np.flatnonzero(first < len(items))
+    used = used[np.argsort(first[used])]
+    index = np.empty(world.n_items, np.int32)
+    index[used] = np.arange(len(used), dtype=np.int32)
+    items = index[items]
     label = size_label(n_interactions)
     year = 2012 + np.floor(world.released[used]).astype(int)
     return Interactions(
         user_ids=np.arange(1, world.n_users + 1).astype(str),
         item_ids=(used + 1).astype(str),
         users=users_,
-        items=items.astype(np.int32),
+        items=items,
         ratings=ratings,
         timestamps=times,
         name=f"synthetic-{label}",

@@ -44,7 +44,7 @@ class BPRParams(ModelParams):
     negative_candidates: int = Field(2, ge=1, le=8)  # >1: keep the highest-scoring (dynamic negative sampling)
     init_std: float = Field(0.1, gt=0)
     eval_every: int = Field(5, ge=1)  # epochs between early-stopping evaluations
-    patience: int = Field(3, ge=1)  # evaluations without improvement before stopping
+    patience: int = Field(6, ge=1)  # evaluations without improvement before stopping
     eval_users: int = Field(1000, ge=1)  # fixed seeded sample of validation users
     deterministic: bool = False  # one thread: exactly reproducible for a seed
 

@@ -1,8 +1,8 @@
 """Surprise's biased SVD (Funk-style SGD on explicit ratings), scored with matrix algebra.
 
 Surprise predicts one (user, item) pair at a time, which is far too slow for full-catalogue top-k. After
-training we copy its parameters into numpy, re-indexed from Surprise's inner ids to our train indices,
-and score a batch of users as `mean + bu + bi + pu @ qi.T` (equal to `predict(..., clip=False).est`;
+training we copy its parameters into numpy (the trainset is built so that Surprise's inner ids are our
+train indices) and score a batch of users as `mean + bu + bi + pu @ qi.T` (equal to `predict(..., clip=False).est`;
 the clipped prediction is useless for ranking because many items tie at the rating ceiling).
 
 Tuned defaults (~50 trials on ml-latest-small, random-per-user 75/25, two split seeds): SVD fits
@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from mfpipe.data.interactions import Interactions
@@ -50,22 +49,14 @@ class SVD(FactorModel):
             raise MfpipeError(f"svd: needs explicit ratings, and '{train.name}' has none (use als, bpr or pop)")
         self.algo = surprise.SVD(**self.params.model_dump(), biased=True, random_state=self.seed, verbose=False)
         self.algo.fit(surprise_trainset(train))
-        self._import_parameters(self.algo.trainset, train.n_users, train.n_items)
+        self._import_parameters(self.algo.trainset)
 
-    def _import_parameters(self, trainset: Any, n_users: int, n_items: int) -> None:
-        """Copy pu, qi, bu, bi into arrays indexed by our train indices (Surprise's raw ids)."""
-        users = np.array([trainset.to_raw_uid(inner) for inner in range(trainset.n_users)], np.int64)
-        items = np.array([trainset.to_raw_iid(inner) for inner in range(trainset.n_items)], np.int64)
-        k = self.params.n_factors
-        # Indices Surprise never saw (possible with hand-built maps) keep zeros, as in Surprise's predict.
-        self.user_factors = np.zeros((n_users, k))
-        self.item_factors = np.zeros((n_items, k))
-        self.user_bias = np.zeros(n_users)
-        self.item_bias = np.zeros(n_items)
-        self.user_factors[users] = self.algo.pu
-        self.item_factors[items] = self.algo.qi
-        self.user_bias[users] = self.algo.bu
-        self.item_bias[items] = self.algo.bi
+    def _import_parameters(self, trainset: Any) -> None:
+        """Copy pu, qi, bu, bi (inner ids = our indices by construction of the trainset) into our state."""
+        self.user_factors = np.asarray(self.algo.pu, np.float64)
+        self.item_factors = np.asarray(self.algo.qi, np.float64)
+        self.user_bias = np.asarray(self.algo.bu, np.float64)
+        self.item_bias = np.asarray(self.algo.bi, np.float64)
         self.global_mean = np.array(trainset.global_mean)
         self.rating_scale = np.array(trainset.rating_scale, np.float64)
 
@@ -119,10 +110,30 @@ class SVD(FactorModel):
 
 
 def surprise_trainset(train: Interactions) -> Any:
-    """A Surprise trainset whose raw ids are our train indices; rating scale = the train ratings' range."""
+    """A Surprise trainset whose raw and inner ids are both our train indices.
+
+    Built from our arrays directly: Surprise's `Dataset.load_from_df(...).build_full_trainset()` walks
+    the rows in Python and took longer than the SVD fit itself on 1M ratings. The rating scale (what
+    Surprise clips predictions to) is the train ratings' range.
+    """
     import surprise
 
-    frame = pd.DataFrame({"user": train.users, "item": train.items, "rating": train.ratings.astype(np.float64)})
-    scale = (float(train.ratings.min()), float(train.ratings.max()))
-    reader = surprise.Reader(rating_scale=scale)
-    return surprise.Dataset.load_from_df(frame, reader).build_full_trainset()
+    ratings = train.ratings.astype(np.float64)
+    return surprise.Trainset(
+        ur=_grouped(train.users, train.items, ratings, train.n_users),
+        ir=_grouped(train.items, train.users, ratings, train.n_items),
+        n_users=train.n_users,
+        n_items=train.n_items,
+        n_ratings=len(train),
+        rating_scale=(float(ratings.min()), float(ratings.max())),
+        raw2inner_id_users={i: i for i in range(train.n_users)},
+        raw2inner_id_items={i: i for i in range(train.n_items)},
+    )
+
+
+def _grouped(keys: np.ndarray, others: np.ndarray, ratings: np.ndarray, n: int) -> dict[int, list[tuple[int, float]]]:
+    """{key: [(other, rating), ...]} in row order, the layout of Surprise's `ur` / `ir`."""
+    order = np.argsort(keys, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=n))]).tolist()
+    pairs = list(zip(others[order].tolist(), ratings[order].tolist(), strict=True))
+    return {key: pairs[bounds[key] : bounds[key + 1]] for key in range(n) if bounds[key + 1] > bounds[key]}

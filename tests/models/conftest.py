@@ -43,8 +43,8 @@ def planted(
     """Interactions drawn from a planted low-rank taste model with popularity skew.
 
     Returns (train, held_out) where held_out[u] is one further item user u likes, drawn from the same
-    model, so a model that learns the structure ranks it higher than popularity does. Rows are shuffled,
-    so first-appearance order (Surprise's inner ids) differs from index order.
+    model, so a model that learns the structure ranks it higher than popularity does. Rows are shuffled
+    (no model may rely on input sorted by user).
     """
     rng = np.random.default_rng(seed)
     taste = rng.normal(size=(n_users, rank))

@@ -7,7 +7,7 @@ import pytest
 
 from mfpipe.errors import MfpipeError
 from mfpipe.models import create
-from mfpipe.models.svd import SVD
+from mfpipe.models.svd import SVD, surprise_trainset
 from tests.models.conftest import make_interactions, planted
 
 
@@ -17,12 +17,25 @@ def model_and_data():
     return create("svd", {"n_factors": 6, "n_epochs": 15}, seed=5).fit(data), data
 
 
-def test_inner_ids_differ_from_our_indices(model_and_data) -> None:
-    """Guard for the test below: the shuffled data makes Surprise's inner ids a permutation."""
-    model, _ = model_and_data
-    trainset = model.algo.trainset
-    inner_to_raw = [trainset.to_raw_uid(i) for i in range(trainset.n_users)]
-    assert inner_to_raw != sorted(inner_to_raw)
+def test_trainset_equals_surprise_own_loader(model_and_data) -> None:
+    """Our direct trainset holds what `load_from_df(...).build_full_trainset()` holds, ids = our indices."""
+    import pandas as pd
+    from surprise import Dataset, Reader
+
+    _, data = model_and_data
+    ours = surprise_trainset(data)
+    frame = pd.DataFrame({"u": data.users, "i": data.items, "r": data.ratings.astype(np.float64)})
+    theirs = Dataset.load_from_df(frame, Reader(rating_scale=(1, 5))).build_full_trainset()
+
+    def as_raw(trainset) -> set[tuple[int, int, float]]:
+        return {(trainset.to_raw_uid(u), trainset.to_raw_iid(i), r) for u, i, r in trainset.all_ratings()}
+
+    assert as_raw(ours) == as_raw(theirs) and len(as_raw(ours)) == len(data)
+    assert ours.global_mean == pytest.approx(theirs.global_mean, rel=1e-12)
+    assert all(ours.to_inner_uid(u) == u for u in range(data.n_users))
+    assert {i: sorted(v) for i, v in ours.ir.items()} == {
+        theirs.to_raw_iid(i): sorted((theirs.to_raw_uid(u), r) for u, r in v) for i, v in theirs.ir.items()
+    }
 
 
 def test_vectorized_scores_equal_surprise_predict(model_and_data) -> None:
