@@ -91,6 +91,10 @@ def serve(config: Config, cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIME
     from flows.retrain import retrain
 
     deployment = retrain.to_deployment(**_deployment_options(config, cron, timezone))
+    # Set explicitly so the update clears a work pool left by an earlier `--work-pool` deploy;
+    # otherwise the server keeps routing runs to that pool and this process never sees them.
+    deployment.work_pool_name = None
+    deployment.work_queue_name = None
     serve_deployments(deployment, pause_on_shutdown=False)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,7 +69,7 @@ def _cache_key(stage: str, *sections: str) -> Any:
     def key(context: Any, parameters: dict[str, Any]) -> str:
         config: Config = parameters["config"]
         parts = {name: getattr(config, name) for name in sections}
-        return f"{stage}-{parameters['key']}-{pipeline._hash({k: str(v) for k, v in parts.items()})}"
+        return f"{stage}-{parameters['key']}-{pipeline.stable_hash({k: str(v) for k, v in parts.items()})}"
 
     return key
 
@@ -260,10 +261,11 @@ def retrain(config: Config) -> RunOutcome:
     if config.skip_unchanged and unchanged(config, data):
         logger.info(f"{data.name} is unchanged since the last finished run (digest {data.digest}): nothing to do")
         return RunOutcome(pipeline.unchanged_report(data, split, config), 0.0, 0.0, None, "", "", stage.seconds)
-    with stage("tracking"):
+    trained = _train_and_evaluate(split, config, stage)
+    with stage("tracking"):  # after training: MLflow's import overlaps it (see `run`)
         ctx = open_run(config, data, split, validated)
     try:
-        outcome = _train_and_promote(ctx, data, split, config, stage)
+        outcome = _record_and_promote(ctx, data, split, config, stage, trained)
     except BaseException as exc:
         pipeline.close_run(ctx, ok=False, error=_one_line(exc))
         raise
@@ -286,23 +288,42 @@ def unchanged(config: Config, data: Interactions) -> bool:
         return tracking.last_run_digest(store, data.name) == data.digest
 
 
-def _train_and_promote(
-    ctx: pipeline.RunContext, data: Interactions, split: Split, config: Config, stage: Stages
-) -> RunOutcome:
+@dataclass
+class Fitted:
+    """What training and evaluation left: fitted models, their reports, the failures, the wall time."""
+
+    models: dict[str, pipeline.Trained]
+    reports: dict[str, EvaluationReport]
+    failures: dict[str, str]
+    train_wall: float
+
+    @property
+    def train_sum(self) -> float:
+        return sum(t.train_seconds for t in self.models.values())
+
+
+def _train_and_evaluate(split: Split, config: Config, stage: Stages) -> Fitted:
     logger = get_run_logger()
     with stage("train"):
         trained, errors, train_wall = train_all(split, config)
-    train_sum = sum(t.train_seconds for t in trained.values())
-    logger.info(f"Training took {train_wall:.1f} s of wall time for {train_sum:.1f} s of model fitting")
+    fitted = Fitted(trained, {}, dict(errors), train_wall)
+    logger.info(f"Training took {train_wall:.1f} s of wall time for {fitted.train_sum:.1f} s of model fitting")
     with stage("evaluate"):
         evaluations = {name: evaluate.submit(t, split, config) for name, t in trained.items()}
-        reports, failures = {}, dict(errors)
         for name, future in evaluations.items():
             try:
-                reports[name] = future.result()
+                fitted.reports[name] = future.result()
             except Exception as exc:
-                failures[name] = _one_line(exc)
-                logger.warning(f"{name} could not be evaluated: {failures[name]}")
+                fitted.failures[name] = _one_line(exc)
+                logger.warning(f"{name} could not be evaluated: {fitted.failures[name]}")
+    return fitted
+
+
+def _record_and_promote(
+    ctx: pipeline.RunContext, data: Interactions, split: Split, config: Config, stage: Stages, fitted: Fitted
+) -> RunOutcome:
+    logger = get_run_logger()
+    trained, reports, failures = fitted.models, fitted.reports, fitted.failures
     results = []
     with stage("tracking"):
         for name in config.models:
@@ -338,8 +359,8 @@ def _train_and_promote(
     )
     return RunOutcome(
         report,
-        train_wall,
-        train_sum,
+        fitted.train_wall,
+        fitted.train_sum,
         test_ndcg,
         ctx.store.run_link(ctx.experiment_id, ctx.parent_run_id),
         ctx.store.ui_command(),
@@ -348,5 +369,10 @@ def _train_and_promote(
 
 
 def run(config: Config) -> RunOutcome:
-    """Run the flow in this process (ephemeral Prefect API unless PREFECT_API_URL is set)."""
+    """Run the flow in this process (ephemeral Prefect API unless PREFECT_API_URL is set).
+
+    MLflow and matplotlib take seconds to import and the store seconds to open; a background thread
+    does that while Prefect starts its API (a separate process), so the two waits overlap.
+    """
+    threading.Thread(target=pipeline.warm_up, args=(config,), name="mfpipe-warm-up", daemon=True).start()
     return retrain(config)

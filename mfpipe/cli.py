@@ -307,7 +307,7 @@ def bench(
 
 
 # -- run --
-ModelsOpt = Annotated[str | None, typer.Option("--models", help="Comma-separated: svd,als,bpr,pop [all].")]
+ModelsOpt = Annotated[str | None, typer.Option("--models", help="Comma-separated: svd,als,bpr,pop (default: all).")]
 DatasetOpt = Annotated[
     str | None, typer.Option("--dataset", help="Dataset name of the registered model [the default data's].")
 ]
@@ -325,7 +325,7 @@ def run(
     relevance_threshold: RelevanceThreshold = None,
     k: Annotated[int | None, typer.Option("--k", help="Cutoff of the ranking metrics [10].")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of splits and models [42].")] = None,
-    task_runner: Annotated[str | None, typer.Option("--task-runner", help="thread | dask [thread].")] = None,
+    task_runner: Annotated[str | None, typer.Option("--task-runner", help="thread | dask (default: thread).")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Dask scheduler, tcp://host:port.")] = None,
     json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the run report (JSON) here.")] = None,
     user_col: UserCol = None,

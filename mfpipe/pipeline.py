@@ -8,6 +8,7 @@ this run's validation split, and build the report (the `--json-report` layout of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -45,13 +46,14 @@ RUNTIME_FIELDS = {
 
 
 # -- identity ---------------------------------------------------------------------------------------
-def _hash(value: Any) -> str:
+def stable_hash(value: Any) -> str:
+    """Short sha256 of a JSON-able value (config sections, cache keys)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def config_hash(config: Config) -> str:
     """What a result depends on (data, options, models, params, k, seed), not where or how it ran."""
-    return _hash(config.model_dump(mode="json", exclude=RUNTIME_FIELDS))
+    return stable_hash(config.model_dump(mode="json", exclude=RUNTIME_FIELDS))
 
 
 def source_key(config: Config) -> str:
@@ -63,7 +65,7 @@ def source_key(config: Config) -> str:
     stat = path.stat() if path.exists() else None
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if stat else []
     stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return _hash(
+    return stable_hash(
         {
             "data": config.data,
             "options": config.data_options.model_dump(mode="json"),
@@ -485,8 +487,12 @@ def record_split(ctx: RunContext, split: Split) -> None:
 
 
 def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, split: Split, config: Config) -> None:
-    """The model's child run: params, curves, metrics, pyfunc; a finished model becomes a registry version."""
-    from mfpipe import serving, tracking
+    """The model's child run: params, curves, metrics, pyfunc; a finished model becomes a registry version.
+
+    A failed model gets a FAILED child run with its error; a run interrupted while logging is ended
+    FAILED too, so a retry never leaves a dangling RUNNING run behind.
+    """
+    from mfpipe import tracking
 
     store = ctx.store
     with tracking.tracking_errors(store):
@@ -496,43 +502,52 @@ def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, 
         result.run_id = run_id
         result.run_link = store.run_link(ctx.experiment_id, run_id)
         if trained is None or result.evaluation is None:
-            tracking.log_values(
-                store,
-                run_id,
-                params=config.model_params.get(result.model, {}),
-                tags={"status": "failed", "error": result.error},
-            )
+            params = config.model_params.get(result.model, {})
+            tracking.log_values(store, run_id, params=params, tags={"status": "failed", "error": result.error})
             tracking.end_run(store, run_id, ok=False)
             return
-        tracking.log_values(
-            store,
-            run_id,
-            metrics={**result.evaluation.mlflow_metrics(), "train_seconds": trained.train_seconds},
-            params={**trained.params, "threads": trained.threads},
-            tags={"status": "ok"},
-        )
-        tracking.log_curves(store, run_id, _curves(trained.model.history))
-        tracking.log_dataset(
-            store, [run_id], split.train.name, split.train.digest, config.data, len(split.train), "training"
-        )
-        scratch = Scratch()
         try:
-            catalog = serving.Catalog.of(split.train)
-            model_path = trained.model.save(scratch.path / f"{result.model}.npz")
-            catalog_path = catalog.save(scratch.path / "catalog.npz")
-            uri = tracking.log_candidate_model(store, run_id, model_path, catalog_path, serving.input_example(catalog))
-        finally:
-            scratch.close()
-        metrics = result.evaluation.mlflow_metrics()
-        tags = {
-            **ctx.lineage,
-            "model": result.model,
-            "train_seconds": round(trained.train_seconds, 3),
-            **{key: _finite(metrics.get(key)) for key in _version_metric_keys(config.k)},
-        }
-        result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
-        result.registered_model = ctx.registered_model
+            _record_finished(ctx, run_id, result, trained, split, config)
+        except BaseException:
+            tracking.end_run(store, run_id, ok=False)
+            raise
         tracking.end_run(store, run_id, ok=True)
+
+
+def _record_finished(
+    ctx: RunContext, run_id: str, result: ModelResult, trained: Trained, split: Split, config: Config
+) -> None:
+    from mfpipe import serving, tracking
+
+    store = ctx.store
+    metrics = result.evaluation.mlflow_metrics()
+    tracking.log_values(
+        store,
+        run_id,
+        metrics={**metrics, "train_seconds": trained.train_seconds},
+        params={**trained.params, "threads": trained.threads},
+        tags={"status": "ok"},
+    )
+    tracking.log_curves(store, run_id, _curves(trained.model.history))
+    tracking.log_dataset(
+        store, [run_id], split.train.name, split.train.digest, config.data, len(split.train), "training"
+    )
+    scratch = Scratch()
+    try:
+        catalog = serving.Catalog.of(split.train)
+        model_path = trained.model.save(scratch.path / f"{result.model}.npz")
+        catalog_path = catalog.save(scratch.path / "catalog.npz")
+        uri = tracking.log_candidate_model(store, run_id, model_path, catalog_path, serving.input_example(catalog))
+    finally:
+        scratch.close()
+    tags = {
+        **ctx.lineage,
+        "model": result.model,
+        "train_seconds": round(trained.train_seconds, 3),
+        **{key: _finite(metrics.get(key)) for key in _version_metric_keys(config.k)},
+    }
+    result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
+    result.registered_model = ctx.registered_model
 
 
 def _version_metric_keys(k: int) -> list[str]:
@@ -667,3 +682,16 @@ def unchanged_report(data: Interactions, split: Split, config: Config) -> dict:
         before_version=version, after_version=version,
     )  # fmt: skip
     return build_report(data, split, [], champion_json(name, decision, config.k))
+
+
+def warm_up(config: Config) -> None:
+    """Import MLflow and matplotlib and open the store (a new sqlite store creates its tables) ahead of use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    from mfpipe import tracking
+
+    with contextlib.suppress(Exception):  # a broken store is reported where it is used, not here
+        tracking.open_store(config.tracking_uri)

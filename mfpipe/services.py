@@ -258,15 +258,16 @@ def up(
     Both start at once; `on_ready` gets the services and the seconds from start to both health URLs
     answering. SIGINT and SIGTERM (also during start-up) stop both children (SIGTERM, wait), then return.
     """
-    if not tracking_uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
+    if not tracking_uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql")):
         raise MfpipeError(
             f"tracking URI {tracking_uri!r} is not a database store; `mfpipe up` serves a local store "
-            "(set MLFLOW_TRACKING_URI to sqlite:///... or postgresql://..., or open that server's UI directly)"
+            "(set MLFLOW_TRACKING_URI to sqlite:///..., file:///... or postgresql://..., or open that server's UI)"
         )
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Explicit for SIGINT too: a shell script's background job starts with SIGINT ignored.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         started = time.monotonic()
         services = start_services(
@@ -286,4 +287,5 @@ def up(
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

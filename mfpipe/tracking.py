@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,7 +106,22 @@ def open_store(config_uri: str | None = None) -> Store:
         store = Store(uri=uri, artifact_root=None, lock_dir=state)
     mlflow.set_tracking_uri(store.uri)
     mlflow.set_registry_uri(store.uri)
+    if match:
+        _create_schema_once(store)
     return store
+
+
+_SCHEMA_READY: set[str] = set()
+_SCHEMA_LOCK = threading.Lock()
+
+
+def _create_schema_once(store: Store) -> None:
+    """The first client of a new sqlite store creates its tables: one thread at a time, once per process."""
+    with _SCHEMA_LOCK:
+        if store.uri not in _SCHEMA_READY:
+            with tracking_errors(store):
+                store.client().search_experiments(max_results=1)
+            _SCHEMA_READY.add(store.uri)
 
 
 def _first_line(exc: BaseException) -> str:

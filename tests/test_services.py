@@ -82,3 +82,9 @@ def test_server_commands_bind_where_asked() -> None:
     mlflow = services.mlflow_server_command(5000, "sqlite:///db", "/art", host="0.0.0.0")
     assert mlflow[mlflow.index("--host") + 1] == "0.0.0.0" and mlflow[mlflow.index("--workers") + 1] == "1"
     assert Path(prefect[0]).name == "prefect" and Path(mlflow[0]).name == "mlflow"
+
+
+def test_up_refuses_a_tracking_server_uri_before_starting_anything(tmp_path: Path) -> None:
+    with pytest.raises(MfpipeError, match=r"'http://127\.0\.0\.1:5000' is not a database store"):
+        services.up(4200, 5000, "http://127.0.0.1:5000", tmp_path / "a", tmp_path / "logs", lambda _: None)
+    assert not (tmp_path / "logs").exists()

@@ -1,10 +1,10 @@
 """Benchmark: training throughput of our numba BPR vs implicit's CPU BPR, and their NDCG@10.
 
-Same work on both sides: 64 floats per factor row (implicit stores its item bias inside the row, so it
+Same setting on both sides: 64 floats per factor row (implicit stores its item bias inside the row, so it
 gets `factors=63`; ours has 64 factors and the bias in its own array), the same threads, negatives
 verified unseen on both (`verify_negative_samples=True`), the same number of epochs, where an epoch is
 nnz sampled triples. Each side is timed through a whole `fit` (setup included), medians of >= 3
-interleaved runs, after a warm-up fit on a small slice that loads or compiles the numba kernels.
+interleaved runs (round robin), after a warm-up fit on a small slice that loads or compiles the numba kernels.
 Both are then scored by the same `recommend` + `per_user_metrics` on a random-per-user validation split.
 Ours runs its defaults, which draw two candidate negatives per triple and keep the harder (more work
 per triple than the peer); details also give ours with one candidate (exactly the peer's work), and
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mfpipe.bench import BenchResult, benchmark, interleaved
+from mfpipe.bench import BenchResult, benchmark
 from mfpipe.data.interactions import Interactions
 from mfpipe.models.base import FactorModel, ModelParams
 
@@ -110,6 +110,20 @@ def evaluation_users(split: Any, seed: int, limit: int = NDCG_USERS) -> np.ndarr
     return users
 
 
+def round_robin(fns: tuple[Callable[[], Any], ...], repeats: int) -> list[float]:
+    """Median wall seconds of each fn, run in turn (a, b, c, a, b, c, ...): drift hits every side alike.
+
+    `mfpipe.bench.interleaved` for more than two sides (ours, ours with one candidate, the peer).
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -156,14 +170,14 @@ def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable
     def peer() -> None:
         fitted["peer"] = ImplicitBPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
 
+    def ours_one_candidate() -> None:
+        BPR(threads=threads, seed=seed, epochs=case.epochs, negative_candidates=1).fit(train)
+
     BPR(threads=threads, seed=seed, epochs=1).fit(_slice(train))  # JIT compile (or cache load) excluded
-    report(f"{case.name}: timing {repeats} x ours / implicit, {case.epochs} epochs of {len(train):,} triples")
-    ours_s, peer_s = interleaved(ours, peer, repeats=repeats, warmup=False)
+    report(f"{case.name}: timing {repeats} x ours / implicit / ours-1, {case.epochs} epochs of {len(train):,} triples")
+    ours_s, peer_s, single = round_robin((ours, peer, ours_one_candidate), repeats)
     samples = case.epochs * len(train)
-    report(f"{case.name}: one candidate negative, memory ceiling and NDCG@10")
-    single = median_seconds(
-        lambda: BPR(threads=threads, seed=seed, epochs=case.epochs, negative_candidates=1).fit(train), repeats
-    )
+    report(f"{case.name}: memory ceiling and NDCG@10")
     ceiling = memory_ceiling(fitted["ours"], case.epochs, threads, repeats, seed)
     users = evaluation_users(split, seed)
     ndcg_ours = validation_ndcg(fitted["ours"], split, users)

@@ -40,7 +40,7 @@ def svd_topk_benchmark(
     report: Callable[[str], None] = lambda message: None,
 ) -> list[BenchResult]:
     """Median seconds for top-k of all users: ours measured, the peer's sample time scaled to all users."""
-    from mfpipe.data.synthetic import generate
+    from mfpipe.data.synthetic import generate, size_label
     from mfpipe.models.svd import SVD
 
     report(f"fitting SVD on {n_interactions} synthetic interactions")
@@ -62,7 +62,7 @@ def svd_topk_benchmark(
     return [
         BenchResult(
             benchmark="svd-topk",
-            case=f"synthetic-{n_interactions // 1000}k top-{k}",
+            case=f"synthetic-{size_label(n_interactions)} top-{k}",
             unit="s",
             ours=ours_seconds,
             peer=peer_sample_seconds * scale,

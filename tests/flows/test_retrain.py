@@ -100,12 +100,25 @@ def test_second_identical_run_keeps_the_champion(first, store):
 def test_a_failing_model_does_not_stop_the_others(tmp_path):
     store = f"sqlite:///{tmp_path / 's' / 'mlflow.db'}"
     params = {**FAST, "bpr": {"epochs": 5, "learning_rate": 1e30}}  # diverges: NaN loss
-    outcome = retrain(config(store, models=["bpr", "pop"], model_params=params))
+    outcome = retrain(config(store, models=["bpr", "pop"], model_params=params, split={"test_quantile": 0.9}))
     bpr, pop = outcome.report["models"]
     assert bpr["status"] == "failed" and "diverged" in bpr["error"] and bpr["version"] is None
     assert bpr["run_id"] is not None  # recorded as a failed child run
     assert tracking.open_store(store).client().get_run(bpr["run_id"]).info.status == "FAILED"
     assert pop["status"] == "ok" and outcome.report["champion"]["after"]["version"] == pop["version"]
+    assert outcome.report["split"]["n_test"] > 0 and outcome.test_ndcg is not None  # champion scored on test
+    parent = tracking.open_store(store).client().get_run(pop["run_id"]).data.tags["mlflow.parentRunId"]
+    metrics = tracking.open_store(store).client().get_run(parent).data.metrics
+    assert metrics["test_ndcg_at_10"] == pytest.approx(outcome.test_ndcg)
+
+
+def test_dask_runner_needs_a_prefect_server():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.retrain import task_runner
+
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(MfpipeError, match="needs a Prefect server"):
+        task_runner(load_config(overrides={"task_runner": "dask"}), 2)
 
 
 def test_failed_validation_trains_nothing_and_moves_nothing(first, store, tmp_path):

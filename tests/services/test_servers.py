@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 
-def test_mlflow_server_on_postgres_keeps_runs_and_aliases(mlflow_tracking: str, postgres) -> None:
-    import mlflow
+def test_mlflow_server_on_postgres_keeps_runs_and_aliases(mlflow_tracking: str, postgres, tmp_path) -> None:
     import psycopg2
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(mlflow_tracking)
-    mlflow.set_experiment("services-smoke")
-    with mlflow.start_run() as run:
-        mlflow.log_metric("ndcg_at_10", 0.25)
-        mlflow.log_text("hello", "notes/hello.txt")
-    client = MlflowClient(mlflow_tracking)
+    # The client only: no fluent global state (active experiment) leaks into later tests.
+    client = MlflowClient(mlflow_tracking, registry_uri=mlflow_tracking)
+    experiment = client.create_experiment("services-smoke")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "ndcg_at_10", 0.25)
+    client.log_text(run.info.run_id, "hello", "notes/hello.txt")
+    client.set_terminated(run.info.run_id)
     client.create_registered_model("services-smoke-model")
     version = client.create_model_version("services-smoke-model", f"runs:/{run.info.run_id}/notes", run.info.run_id)
     client.set_registered_model_alias("services-smoke-model", "champion", version.version)
 
     assert client.get_model_version_by_alias("services-smoke-model", "champion").run_id == run.info.run_id
-    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/notes/hello.txt") == "hello"
+    # Artifacts go through the server (proxied) and come back.
+    local = client.download_artifacts(run.info.run_id, "notes/hello.txt", str(tmp_path))
+    assert Path(local).read_text() == "hello"
     # The rows are in PostgreSQL, not in a file store the server made up.
     with psycopg2.connect(postgres.url("mlflow")) as conn, conn.cursor() as cur:
         cur.execute("SELECT value FROM metrics WHERE run_uuid = %s AND key = 'ndcg_at_10'", (run.info.run_id,))

@@ -32,11 +32,11 @@ def _wait_for_output(log: Path, needle: str, process: subprocess.Popen, timeout:
 
 
 def test_up_serves_the_project_store_and_stops_both_on_ctrl_c(tmp_path: Path) -> None:
-    import mlflow
+    from mlflow import MlflowClient
 
     store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)
-    experiment = mlflow.create_experiment("made-before-up")
+    (tmp_path / "mlruns").mkdir()
+    experiment = MlflowClient(store).create_experiment("made-before-up")
     prefect_port, mlflow_port = services.free_port(), services.free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "ph")}
     log = tmp_path / "up.out"
