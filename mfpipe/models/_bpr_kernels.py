@@ -12,8 +12,8 @@ traffic, not arithmetic, limits BPR. So
 - "is the negative unseen?" (the main cost left) is one bit test: a dense user x item bitset when it is
   small, otherwise a hashed bitset (a one-hash Bloom filter: never a false "unseen") with an exact binary
   search over the user's sorted CSR row only when the bit is set;
-- dynamic negative sampling (more than one candidate, keep the hardest) draws its extra candidates in
-  the update stage, unprefetched: they cost a dot product and a row each.
+- dynamic negative sampling (more than one candidate, keep the hardest) draws its second candidate a
+  sample ahead (prefetched like the first); any further ones in the update stage, unprefetched.
 
 Floating point: float32 factors, `fastmath` without `nnan`/`ninf`, so a diverging run still shows as a
 non-finite loss (the model turns it into an error) instead of being optimised away.
@@ -215,14 +215,16 @@ def _item_score(user_factors, item_factors, item_bias, u, j):
 
 @njit(inline="always")
 def _hardest(user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items, popularity,
-             state, u, j, candidates):  # fmt: skip
+             state, u, j, k, candidates):  # fmt: skip
     """Dynamic negative sampling (Zhang et al. 2013): the highest-scoring of `candidates` verified
-    negatives (harder negatives, faster convergence). The extra candidates are drawn here, unprefetched."""
+    negatives (harder negatives, faster convergence). `k` is the second candidate, drawn and prefetched a
+    sample ahead; any further ones are drawn here, unprefetched."""
     best = _item_score(user_factors, item_factors, item_bias, u, j)
     nnz = pairs.shape[0]
-    for _ in range(candidates - 1):
-        state, p, q = _draw_slots(state, nnz, n_items, popularity)
-        _, _, k = _resolve(pairs, p, q, popularity)
+    for c in range(candidates - 1):
+        if c > 0:
+            state, p, q = _draw_slots(state, nnz, n_items, popularity)
+            _, _, k = _resolve(pairs, p, q, popularity)
         state, k = _verified(state, pairs, indptr, indices, words, shift, n_items, popularity, u, k)
         if k >= 0:
             value = _item_score(user_factors, item_factors, item_bias, u, k)
@@ -284,17 +286,25 @@ def _run_chunk(
     _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u1, i1, j1)
     state, p, q = _draw_slots(state, nnz, n_items, popularity)
     _prefetch_pairs(pairs, p, q, popularity)
+    k1 = np.int64(0)
+    if candidates > 1 and learn:
+        state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
+        k1 = pairs[q2, 1] if popularity else q2
     for _ in range(count):
-        u, i, j = u1, i1, j1
+        u, i, j, k = u1, i1, j1, k1
         u1, i1, j1 = _resolve(pairs, p, q, popularity)
         _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u1, i1, j1)
+        if candidates > 1 and learn:
+            state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
+            k1 = pairs[q2, 1] if popularity else q2
+            _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u1, k1, k1)
         state, p, q = _draw_slots(state, nnz, n_items, popularity)
         _prefetch_pairs(pairs, p, q, popularity)
         state, j = _verified(state, pairs, indptr, indices, words, shift, n_items, popularity, u, j)
         if j >= 0 and candidates > 1 and learn:
             state, j = _hardest(
                 user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items, popularity,
-                state, u, j, candidates,
+                state, u, j, k, candidates,
             )  # fmt: skip
         if j < 0:
             skipped += 1
