@@ -15,7 +15,7 @@ from tests.models.conftest import planted
 
 def test_bpr_benchmark_on_tiny_data() -> None:
     messages: list[str] = []
-    [result] = bpr_benchmark(
+    result, defaults = bpr_benchmark(
         threads=1, repeats=1, cases=(Case("tiny", "synthetic:5000", 2, 2.0),), report=messages.append
     )
     assert result.benchmark == "bpr" and result.unit == "samples/s" and result.target == 2.0
@@ -24,6 +24,9 @@ def test_bpr_benchmark_on_tiny_data() -> None:
     assert result.ours == pytest.approx(2 * d["train_triples_per_epoch"] / d["ours_fit_s"])
     assert result.peer == pytest.approx(2 * d["train_triples_per_epoch"] / d["peer_fit_s"])
     assert d["ceiling_samples_per_s"] > 0 and 0 <= d["ndcg@10_ours"] <= 1 and 0 <= d["ndcg@10_peer"] <= 1
+    assert d["negative_candidates"] == 1  # the target row does the peer's work per sample
+    assert defaults.case == "tiny (defaults)" and defaults.target is None and defaults.peer == result.peer
+    assert defaults.ours == pytest.approx(2 * d["train_triples_per_epoch"] / defaults.details["ours_fit_s"])
     assert any("timing" in m for m in messages)
 
 
