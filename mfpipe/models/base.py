@@ -19,8 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
-from mfpipe.ranking import exclude_seen as _exclude_seen
-from mfpipe.ranking import top_k
+from mfpipe.ranking import top_k_excluding
 
 
 class ModelParams(BaseModel):
@@ -97,17 +96,13 @@ class Recommender(ABC):
         known = (users >= 0) & (users < self.n_users)
         if known.all():  # the common (evaluation) case: no copy of the score block
             scores = self.score(users)
-            if exclude_seen:
-                _exclude_seen(scores, users, self.seen)
-            return top_k(scores, k)
-        scores = np.empty((len(users), self.n_items), np.float32)
-        scores[~known] = self.popularity
-        if known.any():
-            block = self.score(users[known])
-            if exclude_seen:
-                _exclude_seen(block, users[known], self.seen)
-            scores[known] = block
-        return top_k(scores, k)
+        else:
+            scores = np.empty((len(users), self.n_items), np.float32)
+            scores[~known] = self.popularity
+            if known.any():
+                scores[known] = self.score(users[known])
+        # Unknown users (index -1 here) have no history to exclude.
+        return top_k_excluding(scores, k, np.where(known, users, -1), self.seen if exclude_seen else None)
 
     def save(self, path: Path) -> Path:
         """Persist params and state as one .npz (no pickle)."""
