@@ -37,7 +37,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not services"
 
 lint: setup
-	$(BIN)/ruff check mfpipe flows tests benchmarks
+	$(BIN)/ruff check mfpipe flows tests
 
 bench: setup
 	$(BIN)/mfpipe bench --json-report reports/bench.json
