@@ -23,6 +23,7 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # implicit and numba bring their own threads
 os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")  # thread-safe layer: several models train at once
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines log a failure per start
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -51,6 +52,36 @@ class _ThreadTimeoutNotice(logging.Filter):
 
 
 logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
+
+
+class _UserErrorOnce(logging.Filter):
+    """Keep a user error (MfpipeError) off the console: the CLI prints it once, as one line, no traceback.
+
+    Prefect would log it with a traceback for the task and again for the flow. The records still reach
+    the Prefect API (this filter sits on the console handlers only), so the UI keeps the whole story.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, MfpipeError) and "MfpipeError" not in record.getMessage()
+
+
+def _console_logs_to_stdout() -> None:
+    """Prefect's console logs go to stdout beside the leaderboard; stderr is left to errors of mfpipe."""
+    import sys
+
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    setup_logging()
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        handler.setStream(sys.stdout)
+        handler.console.file = sys.stdout  # the rich console it prints through keeps its own stream
+        handler.addFilter(_UserErrorOnce())
 
 
 def _retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
@@ -374,5 +405,6 @@ def run(config: Config) -> RunOutcome:
     MLflow and matplotlib take seconds to import and the store seconds to open; a background thread
     does that while Prefect starts its API (a separate process), so the two waits overlap.
     """
+    _console_logs_to_stdout()
     threading.Thread(target=pipeline.warm_up, args=(config,), name="mfpipe-warm-up", daemon=True).start()
     return retrain(config)

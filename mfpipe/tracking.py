@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import subprocess
@@ -38,12 +39,17 @@ import platformdirs
 from mfpipe import __version__
 from mfpipe.errors import MfpipeError
 
+# Quiet by default: no telemetry, no per-artifact progress bars, no per-log_model warnings (CloudPickle,
+# "pip version" in uv venvs) drowning the leaderboard; MLflow errors still show.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+logging.getLogger("mlflow").setLevel(logging.ERROR)
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 CHAMPION = "champion"

@@ -54,24 +54,25 @@ def _run_deployment(parameters: dict[str, Any] | None = None) -> Any:
     return run_deployment(DEPLOYMENT, parameters=parameters, timeout=RUN_TIMEOUT, poll_interval=1, as_subflow=False)
 
 
-def _mlflow_parent_runs(tracking_uri: str, flow_run_id: str) -> list[Any]:
+def _client(tracking_uri: str) -> Any:
+    """A client of the server for runs and registry alike (never the session's default registry)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def _mlflow_parent_runs(tracking_uri: str, flow_run_id: str) -> list[Any]:
+    client = _client(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
 
 
 def _champion(tracking_uri: str, registered_model: str) -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri).get_model_version_by_alias(registered_model, "champion")
+    return _client(tracking_uri).get_model_version_by_alias(registered_model, "champion")
 
 
 def _run_parent(tracking_uri: str, run_id: str) -> str | None:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri).get_run(run_id).data.tags.get("mlflow.parentRunId")
+    return _client(tracking_uri).get_run(run_id).data.tags.get("mlflow.parentRunId")
 
 
 def _flow_run_log_has(flow_run_id: Any, needle: str, timeout: float = 30) -> bool:
