@@ -361,8 +361,9 @@ def _record_and_promote(
             if name in reports:
                 t = trained[name]
                 result = pipeline.ModelResult(
-                    name, "ok", train_seconds=t.train_seconds, evaluation=reports[name], history=t.model.history
-                )
+                    name, "ok", train_seconds=t.train_seconds, evaluation=reports[name], history=t.model.history,
+                    rating_metrics=pipeline.rating_metrics(t.model, split),
+                )  # fmt: skip
             else:
                 result = pipeline.ModelResult(name, "failed", error=failures.get(name))
             results.append(record_model(ctx, result, trained.get(name) if name in reports else None, split, config))

@@ -191,6 +191,14 @@ class Remapped:
         return np.where(items >= 0, self.item_map[np.clip(items, 0, None)], -1).astype(np.int32), scores
 
 
+def rating_metrics(model: Recommender, split: Split) -> dict[str, float]:
+    """RMSE and MAE on the validation ratings for models that predict ratings (SVD); {} for the others."""
+    if not hasattr(model, "rating_metrics") or not split.validation.has_ratings:
+        return {}
+    values = model.rating_metrics(split.validation)
+    return {name: values[name] for name in ("rmse", "mae") if math.isfinite(values[name])}
+
+
 def rescore(pyfunc: Any, split: Split, config: Config, part: str = "validation") -> EvaluationReport:
     """Evaluate a registered model (our pyfunc wrapper) on this run's split."""
     data = split.validation if part == "validation" else split.test
@@ -226,6 +234,7 @@ class ModelResult:
     registered_model: str | None = None
     version: str | None = None
     history: dict[str, list[float]] = field(default_factory=dict)
+    rating_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def score(self) -> float:
@@ -237,7 +246,7 @@ class ModelResult:
             "model": self.model,
             "status": self.status,
             "error": self.error,
-            "metrics": display_metrics(self.evaluation) if self.evaluation is not None else {},
+            "metrics": {**display_metrics(self.evaluation), **self.rating_metrics} if self.evaluation else {},
             "train_seconds": None if self.train_seconds is None else round(self.train_seconds, 3),
             "run_id": self.run_id,
             "registered_model": self.registered_model,
@@ -524,7 +533,7 @@ def _record_finished(
     tracking.log_values(
         store,
         run_id,
-        metrics={**metrics, "train_seconds": trained.train_seconds},
+        metrics={**metrics, **result.rating_metrics, "train_seconds": trained.train_seconds},
         params={**trained.params, "threads": trained.threads},
         tags={"status": "ok"},
     )

@@ -51,6 +51,10 @@ def test_every_model_runs_and_the_report_has_the_contract_layout(first):
         assert set(m) == MODEL_KEYS
         assert m["status"] == "ok" and m["error"] is None and m["registered_model"] == NAME
         assert 0 <= m["metrics"]["ndcg@10"] <= 1 and m["train_seconds"] > 0
+        # Only the rating model reports rating errors (validation ratings of warm pairs).
+        assert ({"rmse", "mae"} <= set(m["metrics"])) == (m["model"] == "svd")
+    svd = report["models"][0]["metrics"]
+    assert 0 < svd["mae"] <= svd["rmse"] < 5
     champion = report["champion"]
     assert set(champion) == {"registered_model", "before", "after", "promoted", "reason"}
     best = max(report["models"], key=lambda m: m["metrics"]["ndcg@10"])
@@ -76,6 +80,8 @@ def test_mlflow_holds_parent_child_runs_lineage_and_champion(first, store):
     assert "prefect.flow_run_id" in parent.data.tags
     assert child.data.metrics["ndcg_at_10"] == pytest.approx(first.report["champion"]["after"]["ndcg@10"])
     assert {"ndcg_at_10_all", "ndcg_at_10_cold"} & set(child.data.metrics)
+    svd = next(m for m in first.report["models"] if m["model"] == "svd")
+    assert client.get_run(svd["run_id"]).data.metrics["rmse"] == pytest.approx(svd["metrics"]["rmse"])
     bpr = next(m for m in first.report["models"] if m["model"] == "bpr")
     history = client.get_metric_history(bpr["run_id"], "epoch_loss")
     assert [h.step for h in history] == list(range(1, len(history) + 1)) and len(history) > 1
