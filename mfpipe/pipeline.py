@@ -177,11 +177,11 @@ class Remapped:
     """
 
     def __init__(self, model: Recommender, catalog: Any, data: Interactions) -> None:
-        from mfpipe.serving import _lookup
+        from mfpipe.serving import lookup_ids
 
         self.model = model
         self.user_map = catalog.user_index(data.user_ids)
-        self.item_map = _lookup(np.asarray(data.item_ids).astype(str), catalog.item_ids)
+        self.item_map = lookup_ids(np.asarray(data.item_ids).astype(str), catalog.item_ids)
 
     def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         users = np.asarray(users, np.int64)

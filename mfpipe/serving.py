@@ -75,13 +75,13 @@ class Catalog:
 
     def user_index(self, user_ids: np.ndarray) -> np.ndarray:
         """External user ids -> model indices; unknown users -> -1 (the popularity fallback)."""
-        return _lookup(self.user_ids, user_ids)
+        return lookup_ids(self.user_ids, user_ids)
 
     def item_index(self, item_ids: np.ndarray) -> np.ndarray:
-        return _lookup(self.item_ids, item_ids)
+        return lookup_ids(self.item_ids, item_ids)
 
 
-def _lookup(known: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+def lookup_ids(known: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Vectorised id -> index (int64, -1 when absent) without building a Python dict per call."""
     wanted = np.asarray(wanted).astype(str)
     if len(known) == 0:
