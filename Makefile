@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV := $(PYTHON) -m uv
 STAMP := $(VENV)/.installed
+CONSTRAINTS := ../shared/stack/constraints.txt
+# requirements.lock: what runs (the Docker image installs only this); requirements-dev.lock: the test and
+# lint tools on top, resolved against requirements.lock so they never move a runtime pin.
+LOCKS := requirements.lock requirements-dev.lock
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
@@ -13,10 +17,11 @@ export DO_NOT_TRACK := 1
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+# Idempotent: re-running installs nothing new; a changed lock or pyproject.toml reinstalls from both locks.
+$(STAMP): $(LOCKS) pyproject.toml
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv==0.13.9
 	$(UV) venv --quiet --allow-existing -p $(PYTHON) $(VENV)
-	$(UV) pip install --quiet -p $(VENV) -r requirements.lock
+	$(UV) pip install --quiet -p $(VENV) $(addprefix -r ,$(LOCKS))
 	$(UV) pip install --quiet -p $(VENV) --no-deps -e .
 	@touch $@
 
@@ -42,8 +47,18 @@ lint: setup
 bench: setup
 	$(BIN)/mfpipe bench --json-report reports/bench.json
 
+# Both locks from pyproject.toml within the verified stack; the existing pins are kept where they still
+# resolve (uv prefers the versions already in the output file). The dev lock lists only what dev adds.
+LOCK_HEADER = \# Resolved pins: $(CONSTRAINTS) (verified stack) + what pyproject.toml adds. Regenerate: make lock
 lock:
-	$(UV) pip compile --quiet -p $(PYTHON) -c ../shared/stack/constraints.txt pyproject.toml --extra dev -o requirements.lock
+	$(UV) pip compile --quiet --no-header --no-annotate -p $(PYTHON) -c $(CONSTRAINTS) pyproject.toml \
+	  -o requirements.lock
+	sed -i '1i $(LOCK_HEADER) (runtime: what the image installs)' requirements.lock
+	$(UV) pip compile --quiet --no-header --no-annotate -p $(PYTHON) -c $(CONSTRAINTS) -c requirements.lock \
+	  pyproject.toml --extra dev -o requirements-dev.lock
+	grep -vxF -f requirements.lock requirements-dev.lock > requirements-dev.lock.tmp
+	{ echo "$(LOCK_HEADER) (dev extra, on top of requirements.lock)"; cat requirements-dev.lock.tmp; } > requirements-dev.lock
+	rm requirements-dev.lock.tmp
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
