@@ -9,7 +9,11 @@ Generative story (all vectorized, generated in chunks of users so 10M interactio
 - items have Zipf popularity and a release date; time is cut in yearly eras and an item's weight in an era
   is its popularity, zero before release and boosted just after it (popularity drift);
 - a rating grows with the user-item affinity, plus user and item biases and noise, rounded to half stars,
-  so "relevant" (rating >= 4) depends on the user's latent taste.
+  so "relevant" (rating >= 4) depends on the user's latent taste; the item bias (quality) is correlated with
+  the item's popularity, as in MovieLens. Without that link the popular items, often drawn by users with no
+  taste for their genre, were rated below the tail (item mean vs log count -0.13, MovieLens +0.27), so a
+  rating model such as SVD ranked the rarely watched tail first: NDCG@10 0.014 against 0.080 for popularity
+  on the default data, while ranking by the generator's own noiseless expected rating reached only 0.063.
 Pairs are unique: duplicate draws are removed and topped up by re-drawing.
 """
 
@@ -25,6 +29,13 @@ YEAR = 365.25 * 86400
 T0 = 1_325_376_000  # 2012-01-01 UTC
 N_ERAS = 8  # one era per year: 2012..2019
 CHUNK_INTERACTIONS = 1_000_000
+# rating = RATING_BASE + AFFINITY_WEIGHT * log1p(affinity) + user bias + item bias + noise, where the item
+# bias (sd ITEM_BIAS_SD) is correlated QUALITY_POPULARITY with the item's log popularity: MovieLens' better
+# rated films are the more rated ones (item mean vs log count: +0.27 on ml-latest-small; this gives +0.30)
+QUALITY_POPULARITY = 0.5
+ITEM_BIAS_SD = 0.5
+RATING_BASE = 2.6
+AFFINITY_WEIGHT = 0.8
 TASTE, POPULAR, UNIFORM = 0, 1, 2  # how a draw picks its item (see _World.draw)
 
 
@@ -89,7 +100,11 @@ class _World:
         self.taste = np.ascontiguousarray(taste[:, :k], np.float32)
         self.loading = np.ascontiguousarray(loading[:, :k], np.float32)
         self.user_bias = rng.normal(0.0, 0.35, n_users).astype(np.float32)
-        self.item_bias = rng.normal(0.0, 0.3, n_items).astype(np.float32)
+        # item quality: partly how popular the item is (MovieLens: the more rated, the better rated)
+        log_pop = np.log(pop)
+        quality = QUALITY_POPULARITY * (log_pop - log_pop.mean()) / log_pop.std()
+        quality += np.sqrt(1.0 - QUALITY_POPULARITY**2) * rng.normal(0.0, 1.0, n_items)
+        self.item_bias = (ITEM_BIAS_SD * quality).astype(np.float32)
         # activity span: starts spread over the years, lasting 1-8 years (clipped to the horizon)
         horizon = N_ERAS * YEAR
         length = rng.uniform(1.0, 8.0, n_users) * YEAR
@@ -134,7 +149,7 @@ class _World:
             ]
         )
         affinity *= N_GENRES
-        score = 2.9 + 0.8 * np.log1p(affinity) + self.user_bias[users] + self.item_bias[items]
+        score = RATING_BASE + AFFINITY_WEIGHT * np.log1p(affinity) + self.user_bias[users] + self.item_bias[items]
         score += rng.normal(0.0, 0.5, len(users)).astype(np.float32)
         return np.clip(np.round(score * 2.0) / 2.0, 0.5, 5.0).astype(np.float32)
 
