@@ -4,11 +4,18 @@ A model learns from the train `Interactions` (its compact index space) and score
 a batch of users with matrix algebra. `recommend` adds what every model shares: train-seen items
 excluded, top-k, and the popularity fallback for users the model does not know (index -1 or beyond
 the train users).
+
+Training control is shared too: `fit(..., deadline=)` stops a fit at its time limit. A thread cannot be
+killed from outside, so every model's training loop calls `check_deadline` between epochs/iterations and
+re-reads `threads` there (the trainer hands a finished model's cores to the ones still training). After
+`_fit`, every learned array must be finite: a diverged model fails its fit instead of ranking NaN scores
+(top-k would silently drop them).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -20,6 +27,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
 from mfpipe.ranking import top_k_excluding
+
+
+class TrainingTimeout(MfpipeError):
+    """A fit stopped at its deadline: the run failed (exit code 1), the input was fine."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
 
 
 class ModelParams(BaseModel):
@@ -37,7 +51,8 @@ class Recommender(ABC):
     def __init__(
         self, params: ModelParams | None = None, *, threads: int | None = None, seed: int = 42, **overrides: Any
     ) -> None:
-        """`threads` None means every core (runtime only, not persisted); `seed` makes fitting reproducible."""
+        """`threads` None means every core (runtime only, not persisted; may change during a fit); `seed` makes
+        fitting reproducible."""
         base = params.model_dump() if params is not None else {}
         try:
             self.params = self.Params.model_validate({**base, **overrides})
@@ -47,6 +62,7 @@ class Recommender(ABC):
             raise MfpipeError(f"{self.name}: invalid parameter '{where}': {err['msg']}") from None
         self.threads = threads
         self.seed = seed
+        self.deadline: float | None = None
         self.seen: sp.csr_matrix | None = None
         self.popularity: np.ndarray | None = None
         self.history: dict[str, list[float]] = {}
@@ -69,13 +85,40 @@ class Recommender(ABC):
         """Restore what `_state` returned."""
 
     # -- shared behaviour ---------------------------------------------------------------------------
-    def fit(self, train: Interactions, validation: Any = None) -> Self:
+    def fit(self, train: Interactions, validation: Any = None, deadline: float | None = None) -> Self:
+        """Learn from train; past `deadline` (a `time.monotonic()` instant) the fit raises TrainingTimeout.
+
+        A fit that times out or diverges leaves the model unfitted, so no half-trained state is served.
+        """
         if len(train) == 0 or train.n_users == 0 or train.n_items == 0:
             raise MfpipeError(f"{self.name}: cannot train on empty data")
+        self.deadline = deadline
+        self.check_deadline("before training")
         self.seen = train.matrix
         self.popularity = np.bincount(train.items, minlength=train.n_items).astype(np.float32)
-        self._fit(train, validation)
+        try:
+            self._fit(train, validation)
+            self._check_finite()
+        except BaseException:
+            self.seen = None
+            raise
         return self
+
+    def check_deadline(self, progress: str) -> None:
+        """Raise TrainingTimeout once the fit's deadline has passed; `progress` says where, e.g. "after epoch 3 of 10".
+
+        Training loops call this between epochs/iterations: it is the only way to stop a fit that runs in a thread.
+        """
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TrainingTimeout(f"{self.name}: stopped {progress}: over its time limit")
+
+    def _check_finite(self) -> None:
+        """Fail the fit (exit code 1) if any learned array holds NaN or infinity."""
+        for key, values in self._state().items():
+            if not np.isfinite(values).all():
+                raise MfpipeError(
+                    f"{self.name}: training diverged (non-finite {key}); check its parameters", exit_code=1
+                )
 
     @property
     def n_users(self) -> int:
