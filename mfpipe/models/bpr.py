@@ -132,18 +132,23 @@ class BPR(FactorModel):
         self.init_state(*seen.shape)
         self.history = {"epoch_loss": [], "epoch_auc": []}
         stopper = EarlyStopping(self, validation) if validation is not None else None
-        states = kernels.thread_states(self.seed, self.n_threads)
+        # States for the most threads: a chunk of epochs runs on the first `n_threads` of them, re-read per
+        # chunk (the trainer may hand this fit more cores), so the deadline is checked between chunks too.
+        states = kernels.thread_states(self.seed, numba.config.NUMBA_NUM_THREADS)
         previous = numba.get_num_threads()
-        numba.set_num_threads(self.n_threads)
         try:
             epoch = 0
             while epoch < p.epochs:
-                n = min(p.eval_every if stopper else p.epochs, p.epochs - epoch)
+                n = min(p.eval_every, p.epochs - epoch)
                 learning_rates = p.learning_rate * p.lr_decay ** np.arange(epoch, epoch + n)
-                self._record(epoch, *sampler.epochs(self, states, learning_rates))
+                n_threads = self.n_threads
+                numba.set_num_threads(n_threads)
+                self._record(epoch, *sampler.epochs(self, states[:n_threads], learning_rates))
                 epoch += n
                 if stopper is not None and stopper.should_stop(epoch):
                     break
+                if epoch < p.epochs:
+                    self.check_deadline(f"after epoch {epoch} of {p.epochs}")
         finally:
             numba.set_num_threads(previous)
         if stopper is not None:
