@@ -9,6 +9,7 @@ the parent, which then stops them in order (SIGTERM, wait, SIGKILL only after a 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,11 +22,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mfpipe.auth import Credentials, write_mlflow_auth_config
 from mfpipe.errors import MfpipeError
 
 LOCALHOST = "127.0.0.1"
-#: Where `mfpipe up` writes the servers' output (git-ignored).
-UP_LOG_DIR = Path(".mfpipe/logs")
+#: Where `mfpipe up` keeps its state (git-ignored): server output in logs/, auth.env, the MLflow auth database.
+UP_STATE_DIR = Path(".mfpipe")
+UP_LOG_DIR = UP_STATE_DIR / "logs"
+#: `mlflow server --app-name basic-auth`: MLflow's login (HTTP Basic) and per-resource permissions.
+MLFLOW_AUTH_APP = "basic-auth"
 #: Environment every server child gets: no telemetry, and no MLflow job workers eating the CPU after start-up.
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -174,13 +179,22 @@ def prefect_server_command(port: int, host: str = LOCALHOST) -> list[str]:
 
 
 def mlflow_server_command(
-    port: int, backend_store_uri: str, artifacts_destination: Path | str, host: str = LOCALHOST
+    port: int, backend_store_uri: str, artifacts_destination: Path | str, host: str = LOCALHOST, auth: bool = False
 ) -> list[str]:
-    """`mlflow server` proxying artifacts (clients need no access to the artifact store), one worker."""
+    """`mlflow server` proxying artifacts (clients need no access to the artifact store), one worker.
+
+    `auth` adds `--app-name basic-auth`; its settings come from the environment (`auth.Credentials`).
+    """
     return [
-        executable("mlflow"), "server", "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", str(artifacts_destination), "--host", host, "--port", str(port), "--workers", "1",
+        executable("mlflow"), "server", *(["--app-name", MLFLOW_AUTH_APP] if auth else []),
+        "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts_destination),
+        "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
+
+
+def _base_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses (0.0.0.0 is where a server listens, not an address to call)."""
+    return f"http://{LOCALHOST if host == '0.0.0.0' else host}:{port}"
 
 
 def prefect_server(
@@ -189,15 +203,20 @@ def prefect_server(
     home: Path | None = None,
     database_url: str | None = None,
     host: str = LOCALHOST,
+    auth_env: Mapping[str, str] | None = None,
 ) -> Service:
-    """`prefect server start`; `home` isolates its settings and sqlite DB, `database_url` selects PostgreSQL."""
+    """`prefect server start`; `home` isolates its settings and sqlite DB, `database_url` selects PostgreSQL.
+
+    The UI is told its API is on this port (PREFECT_UI_API_URL): by default it would call :4200, and
+    on any other port it shows "Can't connect to Server API". `auth_env`: `Credentials.prefect_server_env()`.
+    """
     _check_port(port, host, "--prefect-port")
-    env: dict[str, str] = {}
+    url = _base_url(host, port)
+    env: dict[str, str] = {"PREFECT_UI_API_URL": f"{url}/api", **(auth_env or {})}
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     if database_url is not None:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
-    url = f"http://{LOCALHOST if host == '0.0.0.0' else host}:{port}"
     return spawn("Prefect server", prefect_server_command(port, host), url, f"{url}/api/health", log_path, env)
 
 
@@ -207,17 +226,26 @@ def mlflow_server(
     artifacts_destination: Path | str,
     log_path: Path,
     host: str = LOCALHOST,
+    auth_env: Mapping[str, str] | None = None,
 ) -> Service:
-    """Start `mlflow server` over `backend_store_uri` (sqlite or PostgreSQL)."""
+    """Start `mlflow server` over `backend_store_uri` (sqlite or PostgreSQL).
+
+    `auth_env` (`Credentials.mlflow_server_env(...)`) turns on the `basic-auth` app; `/health` stays open.
+    """
     _check_port(port, host, "--mlflow-port")
-    url = f"http://{LOCALHOST if host == '0.0.0.0' else host}:{port}"
-    command = mlflow_server_command(port, backend_store_uri, artifacts_destination, host)
-    return spawn("MLflow server", command, url, f"{url}/health", log_path)
+    url = _base_url(host, port)
+    command = mlflow_server_command(port, backend_store_uri, artifacts_destination, host, auth=auth_env is not None)
+    return spawn("MLflow server", command, url, f"{url}/health", log_path, auth_env)
 
 
 def prefect_api_url(service: Service) -> str:
     """What clients put in PREFECT_API_URL."""
     return f"{service.url}/api"
+
+
+def redact_uri(uri: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`, for printing a store URI."""
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
 def watch(services: Sequence[Service], poll: float = 0.5) -> None:
@@ -252,11 +280,14 @@ def up(
     on_ready: Callable[[UpResult], None],
     host: str = LOCALHOST,
     timeout: float = 300.0,
+    auth: Credentials | None = None,
+    state_dir: Path = UP_STATE_DIR,
 ) -> None:
     """Start a Prefect server and an MLflow server over the project's store, report, run until Ctrl-C.
 
     Both start at once; `on_ready` gets the services and the seconds from start to both health URLs
     answering. SIGINT and SIGTERM (also during start-up) stop both children (SIGTERM, wait), then return.
+    With `auth`, both require its credentials; MLflow's users live in `state_dir/mlflow-auth.db`.
     """
     if not tracking_uri.startswith(("sqlite:", "file:", "postgresql", "mysql", "mssql")):
         raise MfpipeError(
@@ -266,15 +297,21 @@ def up(
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
+    prefect_auth: dict[str, str] | None = None
+    mlflow_auth: dict[str, str] | None = None
+    if auth is not None:
+        database = f"sqlite:///{(state_dir / 'mlflow-auth.db').resolve()}"
+        prefect_auth = auth.prefect_server_env()
+        mlflow_auth = auth.mlflow_server_env(write_mlflow_auth_config(state_dir / "mlflow-auth.ini", database))
     # Explicit for SIGINT too: a shell script's background job starts with SIGINT ignored.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         started = time.monotonic()
         services = start_services(
             [
-                lambda: prefect_server(prefect_port, log_dir / "prefect-server.log", host=host),
+                lambda: prefect_server(prefect_port, log_dir / "prefect-server.log", host=host, auth_env=prefect_auth),
                 lambda: mlflow_server(
-                    mlflow_port, tracking_uri, artifacts.resolve(), log_dir / "mlflow-server.log", host
+                    mlflow_port, tracking_uri, artifacts.resolve(), log_dir / "mlflow-server.log", host, mlflow_auth
                 ),
             ],
             timeout,

@@ -88,3 +88,14 @@ def test_up_refuses_a_tracking_server_uri_before_starting_anything(tmp_path: Pat
     with pytest.raises(MfpipeError, match=r"'http://127\.0\.0\.1:5000' is not a database store"):
         services.up(4200, 5000, "http://127.0.0.1:5000", tmp_path / "a", tmp_path / "logs", lambda _: None)
     assert not (tmp_path / "logs").exists()
+
+
+def test_mlflow_auth_adds_the_basic_auth_app() -> None:
+    command = services.mlflow_server_command(5000, "sqlite:///db", "/art", auth=True)
+    assert command[1:4] == ["server", "--app-name", "basic-auth"]
+    assert "--app-name" not in services.mlflow_server_command(5000, "sqlite:///db", "/art")
+
+
+def test_a_printed_store_uri_hides_its_password() -> None:
+    assert services.redact_uri("postgresql://mlops:s3cr:et@db:5432/mlflow") == "postgresql://mlops:***@db:5432/mlflow"
+    assert services.redact_uri("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
