@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import re
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
 PARQUET_MAGIC = b"PAR1"
 HEAD_BYTES = 64 * 1024
+#: What reading a damaged compressed stream raises (gzip, or a zip member: a bad CRC is a BadZipFile)
+CORRUPT = (OSError, EOFError, zlib.error, zipfile.BadZipFile)
 _NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
 
@@ -94,7 +97,7 @@ def _head(source: TableSource) -> str:
     try:
         with source.open() as f:
             raw = f.read(HEAD_BYTES)
-    except (OSError, EOFError, zlib.error) as exc:
+    except CORRUPT as exc:
         raise _fail(source.label, f"is not readable as a table: corrupt or truncated compressed data ({exc})") from None
     if not raw:
         raise _fail(source.label, "is empty (no data after decompression)")
@@ -105,7 +108,10 @@ def _head(source: TableSource) -> str:
     lines = text.lstrip("\ufeff").splitlines()
     if len(raw) == HEAD_BYTES and len(lines) > 1:
         lines = lines[:-1]  # the last line of the sample may be cut
-    return "\n".join(line for line in lines if line.strip())
+    head = "\n".join(line for line in lines if line.strip())
+    if not head:
+        raise _fail(source.label, "has only blank lines (no header, no data)")
+    return head
 
 
 def _split_line(line: str, sep: str) -> list[str]:
@@ -116,14 +122,32 @@ def _split_line(line: str, sep: str) -> list[str]:
     return next(csv.reader([line], delimiter=sep), [])
 
 
+def _n_fields(line: str, sep: str) -> int:
+    """Fields of a line, not counting the empty one a trailing delimiter leaves (`1,10,4,99,`)."""
+    fields = _split_line(line, sep)
+    return len(fields) - 1 if len(fields) > 1 and not fields[-1].strip() else len(fields)
+
+
+def _consistent(lines: list[str], sep: str) -> bool:
+    """`sep` splits the lines into the same number (> 1) of fields as the first one, mostly."""
+    counts = [_n_fields(line, sep) for line in lines[:50]]
+    body = counts[:-1] if len(counts) > 1 else counts  # the last line may be cut: judged later
+    return counts[0] > 1 and sum(c == counts[0] for c in body) >= 0.8 * len(body)
+
+
 def _sniff(lines: list[str]) -> str | None:
-    """The first candidate delimiter that splits the sample into a consistent number (> 1) of fields."""
-    for sep in SNIFF_DELIMITERS:
-        if sep not in lines[0]:
-            continue
-        counts = [len(_split_line(line, sep)) for line in lines[:50]]
-        body = counts[:-1] if len(counts) > 1 else counts  # the last line may be cut: judged later
-        if counts[0] > 1 and sum(c == counts[0] for c in body) >= 0.8 * len(body):
+    """The first candidate delimiter that splits the sample into a consistent number (> 1) of fields.
+
+    A trailing delimiter on the data rows but not on the header is legitimate, so it does not count.
+    Failing that, a delimiter on which only the header disagrees with the rows: then the row-width check
+    names the real problem instead of blaming the delimiter.
+    """
+    candidates = [sep for sep in SNIFF_DELIMITERS if sep in lines[0]]
+    for sep in candidates:
+        if _consistent(lines, sep):
+            return sep
+    for sep in candidates:
+        if len(lines) > 1 and _consistent(lines[1:], sep):
             return sep
     return None
 
@@ -167,28 +191,48 @@ def _read_text(source: TableSource, options: DataOptions) -> tuple[pd.DataFrame,
             "(user, item, rating, timestamp): add a header line with column names",
         )
     picked = pick_columns(source.label, names, options)
-    frame = _parse(source, sep, names if header else None, picked)
+    if header:
+        _check_row_width(source.label, lines[1:], sep, len(names))
+    width = max(len(_split_line(line, sep)) for line in lines)
+    frame = _parse(source, sep, names, header, max(width, len(names)), picked)
     if header and len(frame) == 0:
         raise _fail(source.label, "has a header line but no data rows")
     _check_last_line(source, sep, len(names))
     return frame, picked
 
 
-def _parse(source: TableSource, sep: str, header: list[str] | None, picked: dict[str, str | None]) -> pd.DataFrame:
+def _check_row_width(label: str, rows: list[str], sep: str, n_names: int) -> None:
+    """Rows with more values than the header names are an error, not a shift of every column.
+
+    Left to itself, pandas takes the first column of such a file as the index and moves every value one
+    column to the left (user ids silently read as item ids). Checked on the sample, so the message can
+    count fields; wide rows further down are caught by `_parse`.
+    """
+    for number, row in enumerate(rows, start=1):
+        width = _n_fields(row, sep)
+        if width > n_names:
+            raise _fail(label, f"data row {number} has {width} fields but the header names {n_names}: malformed row")
+
+
+def _parse(
+    source: TableSource, sep: str, names: list[str], header: bool, width: int, picked: dict[str, str | None]
+) -> pd.DataFrame:
     """pandas' C parser: ids as str (verbatim), numbers as float64 (falling back to str if one is not).
 
-    Columns come back under their header names, or under the canonical names for headerless files.
+    Columns are read by position, never by the header's names: pandas would rename a repeated name
+    (`rating.1`) and take the first column as the index when the rows are wider than the header. `width`
+    is the widest row of the sample, so a trailing delimiter becomes an extra column that must stay
+    empty. Returns the picked columns under their names (header names, or canonical for headerless).
     """
-    names = header or [*CANONICAL]
     stride = 2 if sep == "::" else 1  # 'a::b' is read with ':' as a, <empty>, b
-    position = {name: stride * i for i, name in enumerate(names)}
-    label = (lambda name: name) if header else (lambda name: position[name])
-    wanted = [name for name in picked.values() if name is not None]
-    numeric = [picked[c] for c in ("rating", "timestamp") if picked[c] is not None]
+    index = {name: names.index(name) for name in picked.values() if name is not None}  # unique: pick_columns
+    numeric = [stride * index[picked[c]] for c in ("rating", "timestamp") if picked[c] is not None]
     kwargs: dict = {
         "keep_default_na": False,
         "na_values": [""],
         "header": 0 if header else None,
+        "names": range(stride * width - (stride - 1)),
+        "index_col": False,
         "skipinitialspace": True,
     }  # no usecols: pandas would then silently accept rows with extra fields
     if sep == "::":
@@ -199,16 +243,21 @@ def _parse(source: TableSource, sep: str, header: list[str] | None, picked: dict
         kwargs.update(sep=re.escape(sep), engine="python")
     else:
         kwargs.update(sep=sep)
-    ids = dict.fromkeys(map(label, wanted), str)
+    ids = dict.fromkeys((stride * i for i in index.values()), str)
     try:
-        frame = _read_csv(source, kwargs, {**ids, **{label(name): "float64" for name in numeric}})
+        frame = _read_csv(source, kwargs, {**ids, **dict.fromkeys(numeric, "float64")})
     except ValueError:  # a value that is not a number (or an ISO date): read as text, converted per value later
         frame = _read_csv(source, kwargs, ids)
     if sep == "::":
         frame = _drop_colon_gaps(source.label, frame)
-    if not header:
-        frame = frame.rename(columns={position[name]: name for name in names})
-    return frame
+    beyond = frame.iloc[:, len(names) :].notna().to_numpy().any(axis=1)
+    if beyond.any():
+        raise _fail(
+            source.label,
+            f"data row {int(beyond.argmax()) + 1} has more fields than the {len(names)} columns of the header: "
+            "malformed row",
+        )
+    return pd.DataFrame({name: frame[i] for name, i in index.items()})
 
 
 def _read_csv(source: TableSource, kwargs: dict, dtype: dict) -> pd.DataFrame:
@@ -223,7 +272,7 @@ def _read_csv(source: TableSource, kwargs: dict, dtype: dict) -> pd.DataFrame:
         except pd.errors.ParserError as exc:
             detail = str(exc).strip().splitlines()[-1].removeprefix("Error tokenizing data. C error: ")
             raise _fail(source.label, f"malformed row ({detail})") from None
-        except (OSError, EOFError, zlib.error) as exc:
+        except CORRUPT as exc:
             raise _fail(source.label, f"corrupt or truncated compressed data ({exc})") from None
     raise _fail(source.label, "cannot be decoded as text")
 
@@ -233,7 +282,9 @@ def _drop_colon_gaps(label: str, frame: pd.DataFrame) -> pd.DataFrame:
     gaps = frame.iloc[:, 1::2]
     if gaps.notna().to_numpy().any():
         raise _fail(label, "uses '::' as delimiter but also contains single ':' inside fields")
-    return frame.iloc[:, 0::2]
+    kept = frame.iloc[:, 0::2]
+    kept.columns = range(kept.shape[1])
+    return kept
 
 
 def _tail_line(source: TableSource) -> str:
@@ -261,27 +312,47 @@ def _check_last_line(source: TableSource, sep: str, n_fields: int) -> None:
 
 
 # -- columns and values ------------------------------------------------------------------------------
+def _role(canonical: str) -> str:
+    return canonical.split("_")[0]
+
+
+def _ambiguous(label: str, canonical: str, matches: list[str], given: str | None) -> MfpipeError:
+    """Several header columns could be the one asked for: name them all and say how to choose."""
+    if len(set(matches)) == 1:
+        return _fail(label, f"column '{matches[0]}' appears {len(matches)} times in the header: rename the duplicates")
+    quoted = ", ".join(f"'{m}'" for m in matches)
+    if given is not None:
+        return _fail(label, f"{FLAGS[canonical]} '{given}' matches several columns ({quoted}): give the exact name")
+    role, flag = _role(canonical), FLAGS[canonical]
+    return _fail(label, f"{len(matches)} columns could be the {role} column ({quoted}): choose one with {flag}")
+
+
 def _pick(label: str, columns: list[str], canonical: str, given: str | None) -> str | None:
-    """The raw column for a canonical one: the given name (exact, then case-insensitive) or an alias."""
+    """The raw column for a canonical one: the given name (exact, then case-insensitive) or an alias.
+
+    Exactly one column must match: taking the first of several would silently read the wrong values
+    (pandas renames a repeated `rating` to `rating.1`, and `Rating` beside `rating` is anyone's guess).
+    """
     if given is not None:
         if canonical == "rating" and given.lower() == NO_RATINGS:
             return None
-        for wanted in (lambda c: c == given, lambda c: _norm(c) == _norm(given)):
-            match = [c for c in columns if wanted(c)]
-            if match:
-                return match[0]
-        raise _fail(label, f"column '{given}' ({FLAGS[canonical]}) not found; columns: {', '.join(columns)}")
-    for column in columns:
-        if _norm(column) in ALIASES[canonical]:
-            return column
-    hint = f"name it with {FLAGS[canonical]}"
-    if canonical == "rating":
-        hint += f", or use {FLAGS[canonical]} none for data without ratings"
-    raise _fail(
-        label,
-        f"no {canonical.split('_')[0]} column (looked for {', '.join(ALIASES[canonical])}); "
-        f"columns: {', '.join(map(str, columns))}; {hint}",
-    )
+        matches = [c for c in columns if c == given] or [c for c in columns if _norm(c) == _norm(given)]
+        if not matches:
+            raise _fail(label, f"column '{given}' ({FLAGS[canonical]}) not found; columns: {', '.join(columns)}")
+    else:
+        matches = [c for c in columns if _norm(c) in ALIASES[canonical]]
+        if not matches:
+            hint = f"name it with {FLAGS[canonical]}"
+            if canonical == "rating":
+                hint += f", or use {FLAGS[canonical]} none for data without ratings"
+            raise _fail(
+                label,
+                f"no {_role(canonical)} column (looked for {', '.join(ALIASES[canonical])}); "
+                f"columns: {', '.join(map(str, columns))}; {hint}",
+            )
+    if len(matches) > 1:
+        raise _ambiguous(label, canonical, matches, given)
+    return matches[0]
 
 
 def _ids(values: pd.Series) -> pd.Series:
@@ -303,8 +374,24 @@ def to_seconds(values: pd.Series) -> pd.Series:
 
 
 def pick_columns(label: str, columns: list[str], options: DataOptions) -> dict[str, str | None]:
-    """canonical name -> raw column name (rating -> None for data without ratings)."""
-    return {c: _pick(label, columns, c, getattr(options, c.split("_")[0] + "_col")) for c in CANONICAL}
+    """canonical name -> raw column name (rating -> None for data without ratings).
+
+    One column cannot play two roles (`--user-col item_id` would otherwise read items as users).
+    """
+    picked = {c: _pick(label, columns, c, getattr(options, _role(c) + "_col")) for c in CANONICAL}
+    roles: dict[str, str] = {}
+    for canonical, column in picked.items():
+        if column is None:
+            continue
+        if column in roles:
+            first = roles[column]
+            raise _fail(
+                label,
+                f"column '{column}' would be both the {_role(first)} and the {_role(canonical)} column: "
+                f"name them with {FLAGS[first]} and {FLAGS[canonical]}",
+            )
+        roles[column] = canonical
+    return picked
 
 
 def canonical_frame(raw: pd.DataFrame, picked: dict[str, str | None]) -> pd.DataFrame:
@@ -320,26 +407,25 @@ def canonical_frame(raw: pd.DataFrame, picked: dict[str, str | None]) -> pd.Data
 
 def read_table(source: TableSource, options: DataOptions) -> pd.DataFrame:
     """A table file (CSV/TSV/Parquet, plain or gz) -> canonical frame with attrs name/source."""
-    if source.parquet:
-        raw = _read_parquet(source)
-        raw.columns = [str(c) for c in raw.columns]
-        picked = pick_columns(source.label, list(raw.columns), options)
-    else:
-        raw, picked = _read_text(source, options)
+    raw, picked = _read_parquet(source, options) if source.parquet else _read_text(source, options)
     frame = canonical_frame(raw, picked)
     frame.attrs["source"] = source.label
     return frame
 
 
-def _read_parquet(source: TableSource) -> pd.DataFrame:
+def _read_parquet(source: TableSource, options: DataOptions) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """Columns are picked from the schema and only those are read (a repeated name elsewhere is harmless)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         with source.open() as f:
-            table = pq.read_table(f)
-    except (pa.ArrowException, OSError) as exc:
+            parquet = pq.ParquetFile(f)
+            columns = [str(name) for name in parquet.schema_arrow.names]
+            picked = pick_columns(source.label, columns, options)
+            table = parquet.read(columns=[name for name in picked.values() if name is not None])
+    except (pa.ArrowException, *CORRUPT) as exc:
         raise _fail(source.label, f"is not a readable Parquet file ({exc})") from None
     if table.num_rows == 0:
         raise _fail(source.label, "has columns but no data rows")
-    return table.to_pandas()
+    return table.to_pandas(), picked

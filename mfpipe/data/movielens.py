@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import logging
 import re
 import zipfile
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from typing import IO
 import pandas as pd
 
 from mfpipe.config import DataOptions
-from mfpipe.data.files import TableSource, file_source, read_table
+from mfpipe.data.files import CORRUPT, TableSource, file_source, read_table
 from mfpipe.errors import MfpipeError
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens/"
@@ -60,8 +62,23 @@ def expected_md5(name: str, base_url: str) -> str:
     return PINNED_MD5[name]
 
 
+def _placed(target: Path, md5: str) -> str:
+    """Why a file already at `target` was not used (pooch downloads again over one whose MD5 differs)."""
+    import pooch
+
+    if not target.is_file():
+        return ""
+    found = pooch.file_hash(str(target), alg="md5")
+    return f"; the file already at {target} has MD5 {found}, not {md5} (another edition or a damaged copy)"
+
+
 def fetch(name: str, data_home: Path, base_url: str = BASE_URL) -> Path:
-    """Download `<name>.zip` once into `data_home`, verify its MD5, extract; returns the extracted folder."""
+    """Download `<name>.zip` once into `data_home`, verify its MD5, extract; returns the extracted folder.
+
+    A zip placed at `data_home/<name>.zip` by hand with the expected MD5 is used offline as is. pooch's
+    INFO lines are silenced: they go to stderr, where a failure must be a single line (the progress bar
+    still shows a download).
+    """
     import pooch
     import requests
 
@@ -70,6 +87,9 @@ def fetch(name: str, data_home: Path, base_url: str = BASE_URL) -> Path:
     target = Path(data_home) / f"{name}.zip"
     by_hand = f"place {name}.zip by hand at {target}, or pass --data PATH to a local copy (the zip or its folder)"
     md5 = expected_md5(name, base_url)
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
         Path(data_home).mkdir(parents=True, exist_ok=True)
         pooch.retrieve(
@@ -80,19 +100,22 @@ def fetch(name: str, data_home: Path, base_url: str = BASE_URL) -> Path:
             processor=pooch.Unzip(extract_dir=name),
             progressbar=True,
         )
-    except ValueError as exc:
+    except ValueError as exc:  # pooch: a hash mismatch, or a URL it cannot download from
         if "hash" not in str(exc):
-            raise
+            raise MfpipeError(f"{url}: cannot download ({exc}){_placed(target, md5)}; {by_hand}") from None
         raise MfpipeError(
             f"{url}: checksum mismatch (expected MD5 {md5}); the download was discarded; {by_hand}"
         ) from None
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise MfpipeError(f"{url}: download failed (HTTP {status}); {by_hand}") from None
+        raise MfpipeError(f"{url}: download failed (HTTP {status}){_placed(target, md5)}; {by_hand}") from None
     except requests.RequestException as exc:
-        raise MfpipeError(f"{url}: download failed ({type(exc).__name__}: offline?); {by_hand}") from None
+        detail = f"{type(exc).__name__}: offline?"
+        raise MfpipeError(f"{url}: download failed ({detail}){_placed(target, md5)}; {by_hand}") from None
     except OSError as exc:
         raise MfpipeError(f"{target}: cannot store the download ({exc.strerror or exc}); {by_hand}") from None
+    finally:
+        logger.setLevel(level)
     return Path(data_home) / name
 
 
@@ -148,7 +171,8 @@ def read_zip(path: Path, options: DataOptions) -> pd.DataFrame:
     folder, _, ratings_name = member.rpartition("/")
     titles_member = f"{folder}/{LAYOUTS[ratings_name]}" if folder else LAYOUTS[ratings_name]
     if titles_member in names:
-        frame.attrs["titles"] = read_titles(LAYOUTS[ratings_name], _member_opener(path, titles_member))
+        titles = read_titles(f"{path}:{titles_member}", LAYOUTS[ratings_name], _member_opener(path, titles_member))
+        frame.attrs["titles"] = titles
     frame.attrs["name"] = path.name.removesuffix(".zip")
     return frame
 
@@ -164,21 +188,30 @@ def read_folder(folder: Path, options: DataOptions) -> pd.DataFrame:
     frame = read_table(file_source(ratings), options)
     titles = ratings.parent / LAYOUTS[ratings.name]
     if titles.is_file():
-        frame.attrs["titles"] = read_titles(titles.name, lambda: titles.open("rb"))
+        frame.attrs["titles"] = read_titles(str(titles), titles.name, lambda: titles.open("rb"))
     frame.attrs["name"] = ratings.parent.name
     return frame
 
 
-def read_titles(kind: str, open_file: Callable[[], IO[bytes]]) -> dict[str, str]:
-    """item id -> title from movies.csv (UTF-8), movies.dat (latin-1, `::`) or u.item (latin-1, `|`)."""
-    with open_file() as f:
-        raw = f.read()
+def read_titles(label: str, kind: str, open_file: Callable[[], IO[bytes]]) -> dict[str, str]:
+    """item id -> title from movies.csv (UTF-8), movies.dat (latin-1, `::`) or u.item (latin-1, `|`).
+
+    Titles only decorate recommendations, so an odd titles file (empty, one column, ragged rows, another
+    encoding) gives fewer titles rather than an error; only a file that cannot be read is one, naming `label`.
+    """
+    try:
+        with open_file() as f:
+            raw = f.read()
+    except CORRUPT as exc:
+        raise MfpipeError(f"{label}: cannot read the titles ({exc})") from None
     if kind == "movies.csv":
-        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        return dict(zip(table.iloc[:, 0], table.iloc[:, 1], strict=True))
-    text = raw.decode("latin-1")
-    if kind == "movies.dat":
-        rows = (line.split("::", 2) for line in text.splitlines() if line.strip())
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        rows = itertools.islice(csv.reader(io.StringIO(text)), 1, None)  # quoted titles may hold commas
+    elif kind == "movies.dat":
+        rows = (line.split("::", 2) for line in raw.decode("latin-1").splitlines() if line.strip())
     else:
-        rows = csv.reader(text.splitlines(), delimiter="|", quoting=csv.QUOTE_NONE)
+        rows = csv.reader(raw.decode("latin-1").splitlines(), delimiter="|", quoting=csv.QUOTE_NONE)
     return {row[0]: row[1] for row in rows if len(row) >= 2}

@@ -151,3 +151,60 @@ def test_missing_archive_on_the_server_is_reported_with_its_status(mirror, tmp_p
     _, url, _ = mirror
     with pytest.raises(MfpipeError, match=r"ml-1m\.zip: download failed \(HTTP 404\); place ml-1m\.zip by hand"):
         read_frame("ml-1m", DataOptions(movielens_url=url), tmp_path / "home")
+
+
+def test_a_zip_placed_by_hand_is_used_offline(tmp_path, capfd):
+    """The fix the offline message suggests works: the copy is checked against the pinned MD5, extracted."""
+    require(ZIP.is_file(), f"{ZIP} not present")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(ZIP, home / ZIP.name)
+    offline = f"http://127.0.0.1:{_closed_port()}/"
+    frame = read_frame("ml-latest-small", DataOptions(movielens_url=offline), home)
+    assert len(frame) == ROWS and (home / "ml-latest-small").is_dir()
+    assert capfd.readouterr().err == ""  # pooch's INFO lines are silenced
+
+
+def test_offline_with_a_wrong_file_in_place_says_what_is_wrong_with_it(tmp_path, capfd):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ml-100k.zip").write_bytes(b"not the archive")
+    with pytest.raises(MfpipeError) as info:
+        read_frame("ml-100k", DataOptions(movielens_url=f"http://127.0.0.1:{_closed_port()}/"), home)
+    message = str(info.value)
+    found = hashlib.md5(b"not the archive").hexdigest()
+    assert (
+        f"the file already at {home / 'ml-100k.zip'} has MD5 {found}, not {movielens.PINNED_MD5['ml-100k']}" in message
+    )
+    assert f"place ml-100k.zip by hand at {home / 'ml-100k.zip'}" in message and "\n" not in message
+    assert capfd.readouterr().err == ""
+
+
+def test_a_url_pooch_cannot_download_from_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        MfpipeError, match=r"^nope://mirror/ml-1m\.zip: cannot download \(.*\); place ml-1m\.zip by hand"
+    ):
+        read_frame("ml-1m", DataOptions(movielens_url="nope://mirror"), tmp_path / "home")
+
+
+@pytest.mark.parametrize(
+    ("movies", "titles"),
+    [
+        (
+            b'movieId,title,genres\n1,"Heat, The (1995)",Drama,extra\n2,Jumanji (1995)\n',
+            {"1": "Heat, The (1995)", "2": "Jumanji (1995)"},
+        ),
+        (b"movieId\n1\n", {}),
+        (b"", {}),
+        (b"movieId,title\n1,Caf\xe9 (1995)\n", {"1": "Café (1995)"}),  # latin-1, not UTF-8
+    ],
+    ids=["ragged rows", "one column", "empty", "latin-1"],
+)
+def test_odd_titles_files_give_fewer_titles_not_an_error(tmp_path, movies, titles):
+    """Titles only decorate: ragged rows keep their first two fields (pandas would shift them into an index)."""
+    archive = tmp_path / "ml.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml/ratings.csv", "userId,movieId,rating,timestamp\n1,1,4,1300000000\n")
+        zf.writestr("ml/movies.csv", movies)
+    frame = read_frame(str(archive), DataOptions(), tmp_path)
+    assert frame.attrs["titles"] == titles
