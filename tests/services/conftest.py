@@ -1,7 +1,8 @@
 """Real servers for the services tests, one of each per test session, all on 127.0.0.1 and free ports.
 
 `postgres`: a throw-away PostgreSQL cluster (Debian binaries, `make services-deps`); `mlflow_server`:
-`mlflow server` on that PostgreSQL; `prefect_server`: `prefect server start` with its own PREFECT_HOME.
+`mlflow server` on that PostgreSQL; `prefect_server`: `prefect server start` with its own PREFECT_HOME,
+on that PostgreSQL too (asyncpg), as docker/compose.yaml runs it.
 The two servers start together, with the same helper as `mfpipe up` (mfpipe.services), and stop at the
 end of the session. Tests opt in to a server for their client side with the `prefect_api` / `mlflow_tracking`
 fixtures, which point this process (and child processes) at it.
@@ -127,7 +128,8 @@ class Servers:
 def _servers(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     """Both servers, started at once (their 10-20 s start-ups overlap) and stopped at the session's end.
 
-    Prefect: sqlite in its own PREFECT_HOME. MLflow: the PostgreSQL backend, artifacts in a temp dir.
+    Both on PostgreSQL as in docker/compose.yaml: Prefect through asyncpg (its own PREFECT_HOME for
+    settings), MLflow through psycopg2 with artifacts in a temp dir.
     """
     home = tmp_path_factory.mktemp("prefect-home")
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -135,7 +137,9 @@ def _servers(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> It
     prefect_port, mlflow_port = services.free_port(), services.free_port()
     prefect, mlflow = services.start_services(
         [
-            lambda: services.prefect_server(prefect_port, home / "server.log", home=home),
+            lambda: services.prefect_server(
+                prefect_port, home / "server.log", home=home, database_url=postgres.url("prefect", "postgresql+asyncpg")
+            ),
             lambda: services.mlflow_server(mlflow_port, backend, root / "artifacts", root / "server.log"),
         ]
     )

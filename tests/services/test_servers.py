@@ -31,6 +31,14 @@ def test_mlflow_server_on_postgres_keeps_runs_and_aliases(mlflow_tracking: str, 
         assert cur.fetchone() == (0.25,)
 
 
-def test_prefect_server_answers_health(prefect_api: str) -> None:
+def test_prefect_server_answers_health_and_keeps_its_state_in_postgres(prefect_api: str, postgres) -> None:
+    import psycopg2
+    from prefect import get_client
+
     with urllib.request.urlopen(f"{prefect_api}/health", timeout=5) as response:
         assert response.read() == b"true"
+    with get_client(sync_client=True) as client:
+        client.create_flow_from_name("services-smoke-flow")
+    with psycopg2.connect(postgres.url("prefect")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM flow WHERE name = 'services-smoke-flow'")
+        assert cur.fetchone() == (1,)
