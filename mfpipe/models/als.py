@@ -62,8 +62,17 @@ class ALS(FactorModel):
         )
 
     def _fit(self, train: Interactions, validation: Any = None) -> None:
+        """implicit 0.7.3 calls `callback` after every iteration and passes `num_threads` to each solver call:
+        raising from the callback stops the fit, and setting `num_threads` there applies to the next iteration."""
         model = self.implicit_model()
-        model.fit(self.confidence(train), show_progress=False)
+        total = self.params.iterations
+
+        def between_iterations(iteration: int, _seconds: float, _loss: float | None) -> None:
+            if iteration + 1 < total:
+                self.check_deadline(f"after iteration {iteration + 1} of {total}")
+                model.num_threads = self.threads or 0
+
+        model.fit(self.confidence(train), show_progress=False, callback=between_iterations)
         self.user_factors = np.ascontiguousarray(model.user_factors, np.float32)
         self.item_factors = np.ascontiguousarray(model.item_factors, np.float32)
         self.item_bias = np.zeros(train.n_items, np.float32)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -9,6 +13,7 @@ import scipy.sparse as sp
 from mfpipe.config import MODEL_NAMES
 from mfpipe.errors import MfpipeError
 from mfpipe.models import MODELS, Recommender, create, load
+from mfpipe.models.base import TrainingTimeout
 from mfpipe.ranking import top_k
 from tests.models.conftest import make_interactions
 
@@ -173,3 +178,150 @@ def test_k_larger_than_the_catalogue(name: str, small) -> None:
     assert items.shape == (3, k)
     assert (items[0] >= 0).sum() == small.n_items
     assert (items[:, small.n_items :] == -1).all() and (values[:, small.n_items :] == -np.inf).all()
+
+
+# -- training control: deadline, threads changed mid-fit, divergence -----------------------------------
+# Many epochs/iterations, so a fit that ignored the deadline would visibly run to the end.
+LONG = {"svd": {"n_epochs": 50}, "als": {"iterations": 50}, "bpr": {"epochs": 50, "eval_every": 1}, "pop": {}}
+LOOPING = [name for name in NAMES if name != "pop"]  # pop counts once: there is no loop to interrupt
+
+
+def on_check(model: Recommender, monkeypatch: pytest.MonkeyPatch, action: Callable[[int], None]) -> list[str]:
+    """Make model.check_deadline run `action(call number)` first; returns the progress texts it was called with."""
+    calls: list[str] = []
+    original = model.check_deadline
+
+    def check(progress: str) -> None:
+        calls.append(progress)
+        action(len(calls))
+        original(progress)
+
+    monkeypatch.setattr(model, "check_deadline", check)
+    return calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_passed_deadline_stops_the_fit_before_training(name: str, small, monkeypatch) -> None:
+    model = create(name, LONG[name], threads=1)
+    calls = on_check(model, monkeypatch, lambda n: None)
+    with pytest.raises(TrainingTimeout, match=f"^{name}: stopped before training: over its time limit$") as info:
+        model.fit(small, deadline=time.monotonic() - 1.0)
+    assert isinstance(info.value, MfpipeError) and info.value.exit_code == 1
+    assert calls == ["before training"]  # no epoch ran
+    with pytest.raises(MfpipeError, match="not fitted"):
+        model.recommend(np.array([0]), 5)
+
+
+@pytest.mark.parametrize("name", LOOPING)
+def test_the_deadline_is_checked_between_epochs(name: str, small, monkeypatch) -> None:
+    """The deadline passes during the 3rd epoch: the fit stops after it, not after all 50."""
+    model = create(name, LONG[name], threads=1)
+
+    def expire_after_three(call: int) -> None:
+        if call == 4:  # calls: before training, then after epochs 1, 2, 3
+            model.deadline = 0.0
+
+    calls = on_check(model, monkeypatch, expire_after_three)
+    with pytest.raises(
+        TrainingTimeout, match=rf"^{name}: stopped after (epoch|iteration) 3 of 50: over its time limit$"
+    ):
+        model.fit(small, deadline=time.monotonic() + 600)
+    assert calls[1:] == [f"after {'iteration' if name == 'als' else 'epoch'} {n} of 50" for n in (1, 2, 3)]
+    if name == "bpr":
+        assert len(model.history["epoch_loss"]) == 3
+    assert model.seen is None  # a stopped fit leaves the model unfitted
+
+
+def test_svd_is_stopped_at_the_deadline_even_within_its_epochs(small) -> None:
+    """Surprise runs in a child process that is killed at the deadline (it has no hook of its own)."""
+    model = create("svd", {"n_epochs": 1_000_000})  # minutes of work on the small data
+    with pytest.raises(
+        TrainingTimeout, match=r"^svd: stopped after epoch \d+ of 1000000: over its time limit$"
+    ) as info:
+        model.fit(small, deadline=time.monotonic() + 0.5)
+    assert int(str(info.value).split()[4]) < 1_000_000
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_changing_threads_mid_fit_works(name: str, small, monkeypatch) -> None:
+    """The trainer hands cores to a model while it trains: the fit goes on and its result is sound."""
+    model = create(name, LONG[name] if name != "bpr" else {"epochs": 6, "eval_every": 1}, threads=1)
+
+    def more_threads(call: int) -> None:
+        model.threads = 2 if call % 2 else 1
+
+    on_check(model, monkeypatch, more_threads)
+    model.fit(small)
+    items, values = model.recommend(np.arange(small.n_users), 5)
+    assert (items >= 0).all() and np.isfinite(values).all()
+
+
+def test_als_passes_changed_threads_to_implicit_per_iteration(small, monkeypatch) -> None:
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    used: list[int] = []
+    solver = AlternatingLeastSquares.solver
+
+    def recording(self):
+        inner = solver.fget(self)
+
+        def solve(*args, num_threads: int, **kwargs):
+            used.append(num_threads)
+            return inner(*args, num_threads=num_threads, **kwargs)
+
+        return solve
+
+    monkeypatch.setattr(AlternatingLeastSquares, "solver", property(recording))
+    model = create("als", {"iterations": 4}, threads=1)
+    on_check(model, monkeypatch, lambda call: setattr(model, "threads", 2) if call == 2 else None)
+    model.fit(small)
+    assert used == [1, 1] + [2] * 6  # two solves per iteration; changed after iteration 1, used from the 2nd
+
+
+def test_bpr_runs_each_epoch_chunk_on_the_current_threads(small, monkeypatch) -> None:
+    from mfpipe.models.bpr import Sampler
+
+    seen: list[tuple[int, int]] = []
+    epochs = Sampler.epochs
+
+    def recording(self, model, states, *args, **kwargs):
+        seen.append((len(states), numba.get_num_threads()))
+        return epochs(self, model, states, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "epochs", recording)
+    model = create("bpr", {"epochs": 3, "eval_every": 1}, threads=1)
+    on_check(model, monkeypatch, lambda call: setattr(model, "threads", 2) if call == 2 else None)
+    model.fit(small)
+    more = min(2, numba.config.NUMBA_NUM_THREADS)  # a chunk never runs on more threads than numba has
+    assert seen == [(1, 1), (more, more), (more, more)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_non_finite_learned_array_fails_the_fit(name: str, small, monkeypatch) -> None:
+    """Top-k drops NaN scores silently, so the fit itself must refuse a diverged state."""
+    cls = MODELS[name]
+    learn = cls._fit
+    poisoned: list[str] = []
+
+    def diverging(self, train, validation=None) -> None:
+        learn(self, train, validation)
+        state = self._state()
+        key = next(iter(state))
+        values = np.array(state[key], np.float64)
+        values.flat[-1] = np.nan
+        self._set_state({**state, key: values})
+        poisoned.append(key)
+
+    monkeypatch.setattr(cls, "_fit", diverging)
+    model = create(name, threads=1)
+    with pytest.raises(MfpipeError, match=r"training diverged \(non-finite \w+\); check its parameters") as info:
+        model.fit(small)
+    assert str(info.value).startswith(f"{name}: training diverged (non-finite {poisoned[0]})")
+    assert info.value.exit_code == 1 and model.seen is None
+
+
+@pytest.mark.parametrize(("name", "params"), [("svd", {"lr_all": 1.0}), ("bpr", {"learning_rate": 1e4})])
+def test_an_absurd_learning_rate_fails_the_fit(name: str, params: dict, small) -> None:
+    with pytest.raises(MfpipeError, match=f"^{name}: training diverged") as info:
+        create(name, params, threads=1).fit(small)
+    assert info.value.exit_code == 1
