@@ -6,7 +6,12 @@ library commands stay fast. Every user error is one line on stderr and exit code
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +19,18 @@ import typer
 
 from mfpipe import __version__
 from mfpipe.errors import MfpipeError
+
+
+class Protocol(StrEnum):
+    temporal = "temporal"
+    random_per_user = "random-per-user"
+    random_per_item = "random-per-item"
+
+
+class TaskRunner(StrEnum):
+    thread = "thread"
+    dask = "dask"
+
 
 app = typer.Typer(
     name="mfpipe",
@@ -23,55 +40,69 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# -- shared option types ---------------------------------------------------------------------------
-UserCol = Annotated[str | None, typer.Option("--user-col", help="User id column (default: auto-detect).")]
-ItemCol = Annotated[str | None, typer.Option("--item-col", help="Item id column (default: auto-detect).")]
-RatingCol = Annotated[str | None, typer.Option("--rating-col", help="Rating column (default: auto-detect).")]
-TimestampCol = Annotated[str | None, typer.Option("--timestamp-col", help="Timestamp column (default: auto-detect).")]
-Sep = Annotated[str | None, typer.Option("--sep", help="Field delimiter (default: auto-detect).")]
-RatingMin = Annotated[float | None, typer.Option("--rating-min", help="Lowest valid rating [0.5].")]
-RatingMax = Annotated[float | None, typer.Option("--rating-max", help="Highest valid rating [5].")]
-Protocol = Annotated[
-    str | None, typer.Option("--protocol", help="temporal | random-per-user | random-per-item [temporal].")
-]
-CutoffQuantile = Annotated[float | None, typer.Option("--cutoff-quantile", help="Timestamp quantile of the cutoff.")]
-Cutoff = Annotated[str | None, typer.Option("--cutoff", help="Explicit cutoff date (ISO-8601, UTC if naive).")]
-TestQuantile = Annotated[float | None, typer.Option("--test-quantile", help="Second cutoff: a test slice after it.")]
-RelevanceThreshold = Annotated[float | None, typer.Option("--relevance-threshold", help="Rating >= R is relevant.")]
+# -- options several commands share, each declared once -------------------------------------------------
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options that several commands take, declared once; a command receives them as one dict `name`.
+
+    Only the flags a user gave are in the dict, so the config's lower layers (file, environment) keep
+    the rest.
+    """
+
+    name: str
+    options: dict[str, Any]  # parameter name -> Annotated[type | None, typer.Option(...)], default None
+
+    def __call__(self, command: Callable[..., Any]) -> Callable[..., Any]:
+        resolved = inspect.signature(command, eval_str=True)
+        own = [p for p in resolved.parameters.values() if p.name != self.name]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint)
+                 for n, hint in self.options.items()]  # fmt: skip
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {n: v.value if isinstance(v, Enum) else v for n, v in ((n, kwargs.pop(n)) for n in self.options)}
+            return command(**kwargs, **{self.name: {n: v for n, v in given.items() if v is not None}})
+
+        params = sorted([*own, *added], key=lambda p: p.kind)
+        wrapper.__signature__ = resolved.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+
+def _option(flag: str, kind: Any, text: str) -> Any:
+    return Annotated[kind | None, typer.Option(flag, help=text)]
+
+
+data_options = OptionGroup("data_options", {
+    "user_col": _option("--user-col", str, "User id column (default: auto-detect)."),
+    "item_col": _option("--item-col", str, "Item id column (default: auto-detect)."),
+    "rating_col": _option("--rating-col", str, "Rating column (default: auto-detect; 'none': implicit feedback)."),
+    "timestamp_col": _option("--timestamp-col", str, "Timestamp column (default: auto-detect)."),
+    "sep": _option("--sep", str, "Field delimiter (default: auto-detect)."),
+    "rating_min": _option("--rating-min", float, "Lowest valid rating (default 0.5)."),
+    "rating_max": _option("--rating-max", float, "Highest valid rating (default 5)."),
+})  # fmt: skip
+split_options = OptionGroup("split", {
+    "protocol": _option("--protocol", Protocol, "Evaluation protocol (default temporal)."),
+    "cutoff_quantile": _option("--cutoff-quantile", float, "Timestamp quantile of the cutoff (default 0.8)."),
+    "cutoff": _option("--cutoff", str, "Explicit cutoff date (ISO-8601, UTC if naive)."),
+    "test_quantile": _option("--test-quantile", float, "Second cutoff: a test slice after it."),
+    "relevance_threshold": _option("--relevance-threshold", float, "Rating >= R is relevant (default 4)."),
+})  # fmt: skip
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML config file.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed of the split and the models (default 42).")]
+DataArg = Annotated[str, typer.Argument(help="A file or folder, a source name (ml-100k, ...) or synthetic[:N].")]
+DatasetOpt = Annotated[
+    str | None, typer.Option("--dataset", help="Dataset name of the registered model (default: the default data's).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout only.")]
 
 
-def data_overrides(
-    user_col: str | None = None,
-    item_col: str | None = None,
-    rating_col: str | None = None,
-    timestamp_col: str | None = None,
-    sep: str | None = None,
-    rating_min: float | None = None,
-    rating_max: float | None = None,
-) -> dict[str, Any]:
-    """CLI data flags -> the `data_options` section of the config (unset flags are left out)."""
-    values = dict(
-        user_col=user_col, item_col=item_col, rating_col=rating_col, timestamp_col=timestamp_col,
-        sep=sep, rating_min=rating_min, rating_max=rating_max,
-    )  # fmt: skip
-    return {k: v for k, v in values.items() if v is not None}
+def _console() -> Any:
+    """A rich console on stdout; off a terminal it is wide, so tables keep their columns in pipes and logs."""
+    from rich.console import Console
 
-
-def split_overrides(
-    protocol: str | None = None,
-    cutoff_quantile: float | None = None,
-    cutoff: str | None = None,
-    test_quantile: float | None = None,
-    relevance_threshold: float | None = None,
-    seed: int | None = None,
-) -> dict[str, Any]:
-    """CLI split flags -> the `split` section of the config (unset flags are left out)."""
-    values = dict(
-        protocol=protocol, cutoff_quantile=cutoff_quantile, cutoff=cutoff,
-        test_quantile=test_quantile, relevance_threshold=relevance_threshold, seed=seed,
-    )  # fmt: skip
-    return {k: v for k, v in values.items() if v is not None}
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _version(value: bool) -> None:
@@ -115,51 +146,36 @@ def evaluate(
 
 
 # -- validate --
-DataArg = Annotated[str, typer.Argument(help="A file or folder, a source name (ml-100k, …) or synthetic[:N].")]
-
-
 @app.command()
+@split_options
+@data_options
 def validate(
     data: DataArg,
-    user_col: UserCol = None,
-    item_col: ItemCol = None,
-    rating_col: RatingCol = None,
-    timestamp_col: TimestampCol = None,
-    sep: Sep = None,
-    rating_min: RatingMin = None,
-    rating_max: RatingMax = None,
-    protocol: Protocol = None,
+    data_options: dict[str, Any],
+    split: dict[str, Any],
     out: Annotated[Path | None, typer.Option("--out", help="Write the GX result JSON and Data Docs here.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON only.")] = False,
+    json_: JsonOpt = False,
     config: ConfigFile = None,
 ) -> None:
     """Would `mfpipe run` accept DATA? Parse, the GX suite, split feasibility; exit 0 yes, 2 no."""
     import json
 
     from mfpipe.config import load_config
-    from mfpipe.validation import check_data
+    from mfpipe.prepare import check
 
-    cfg = load_config(
-        config,
-        overrides={
-            "data": data,
-            "data_options": data_overrides(user_col, item_col, rating_col, timestamp_col, sep, rating_min, rating_max),
-            "split": split_overrides(protocol=protocol),
-        },
-    )
-    check = check_data(cfg)
-    written = check.report.write(out) if out is not None else {}
+    cfg = load_config(config, overrides={"data": data, "data_options": data_options, "split": split})
+    result = check(cfg)
+    written = result.report.write(out) if out is not None else {}
     if json_:
-        typer.echo(json.dumps({**check.to_json(), "written": {k: str(v) for k, v in written.items()}}))
+        typer.echo(json.dumps({**result.to_json(), "written": {k: str(v) for k, v in written.items()}}))
     else:
-        _print_check(check, written)
-    raise typer.Exit(0 if check.ok else 2)
+        _print_check(result, written)
+    raise typer.Exit(0 if result.ok else 2)
 
 
 def _print_check(check: Any, written: dict[str, Path]) -> None:
-    from rich.console import Console
 
-    console = Console()
+    console = _console()
     console.print(check.report.table())
     if check.split is not None:
         _print_split(check.split, console)
@@ -177,42 +193,28 @@ def _print_split(summary: Any, console: Any) -> None:
 
 
 # -- split --
-@app.command()
-def split(
+@app.command("split")
+@split_options
+@data_options
+def split_command(
     data: DataArg,
+    data_options: dict[str, Any],
+    split: dict[str, Any],
     out: Annotated[Path, typer.Option("--out", help="Folder for train.csv, validation.csv, test.csv, split.json.")],
-    user_col: UserCol = None,
-    item_col: ItemCol = None,
-    rating_col: RatingCol = None,
-    timestamp_col: TimestampCol = None,
-    sep: Sep = None,
-    rating_min: RatingMin = None,
-    rating_max: RatingMax = None,
-    protocol: Protocol = None,
-    cutoff_quantile: CutoffQuantile = None,
-    cutoff: Cutoff = None,
-    test_quantile: TestQuantile = None,
-    relevance_threshold: RelevanceThreshold = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the random protocols [42].")] = None,
+    seed: Seed = None,
     config: ConfigFile = None,
 ) -> None:
     """Split DATA (default: global temporal cutoff) and write the parts and split.json into --out."""
-    from rich.console import Console
 
     from mfpipe.config import load_config
-    from mfpipe.split import split_data
+    from mfpipe.prepare import prepare
+    from mfpipe.split import write_split
 
-    cfg = load_config(
-        config,
-        overrides={
-            "data": data,
-            "data_options": data_overrides(user_col, item_col, rating_col, timestamp_col, sep, rating_min, rating_max),
-            "split": split_overrides(protocol, cutoff_quantile, cutoff, test_quantile, relevance_threshold, seed),
-        },
-    )
-    result = split_data(cfg, out)
-    console = Console()
-    _print_split(result.summary, console)
+    cfg = load_config(config, overrides={"data": data, "data_options": data_options, "split": split, "seed": seed})
+    _, parts = prepare(cfg)
+    write_split(parts, out)
+    console = _console()
+    _print_split(parts.summary, console)
     console.print(f"wrote {out}")
 
 
@@ -292,14 +294,13 @@ def bench(
     json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the results as JSON here.")] = None,
 ) -> None:
     """Benchmarks against the peer libraries: ratio per case (ours vs peer, same run), target and pass."""
-    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from mfpipe.bench import runner
 
     benchmarks = runner.select(only)
-    console = Console()
+    console = _console()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
         tasks = {name: bar.add_task(f"{name}: waiting", total=None) for name in benchmarks}
         result = runner.run(benchmarks, lambda name, message: bar.update(tasks[name], description=f"{name}: {message}"))
@@ -320,51 +321,35 @@ def bench(
 
 # -- run --
 ModelsOpt = Annotated[str | None, typer.Option("--models", help="Comma-separated: svd,als,bpr,pop (default: all).")]
-DatasetOpt = Annotated[
-    str | None, typer.Option("--dataset", help="Dataset name of the registered model [the default data's].")
-]
 
 
 @app.command()
+@split_options
+@data_options
 def run(
+    data_options: dict[str, Any],
+    split: dict[str, Any],
     data: Annotated[str | None, typer.Option("--data", help="File/folder, source name or synthetic[:N].")] = None,
     config: ConfigFile = None,
     models: ModelsOpt = None,
-    protocol: Protocol = None,
-    cutoff_quantile: CutoffQuantile = None,
-    cutoff: Cutoff = None,
-    test_quantile: TestQuantile = None,
-    relevance_threshold: RelevanceThreshold = None,
-    k: Annotated[int | None, typer.Option("--k", help="Cutoff of the ranking metrics [10].")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of splits and models [42].")] = None,
-    task_runner: Annotated[str | None, typer.Option("--task-runner", help="thread | dask (default: thread).")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="Cutoff of the ranking metrics (default 10).")] = None,
+    seed: Seed = None,
+    task_runner: Annotated[TaskRunner | None, typer.Option("--task-runner", help="Where models train.")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Dask scheduler, tcp://host:port.")] = None,
     json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the run report (JSON) here.")] = None,
-    user_col: UserCol = None,
-    item_col: ItemCol = None,
-    rating_col: RatingCol = None,
-    timestamp_col: TimestampCol = None,
-    sep: Sep = None,
-    rating_min: RatingMin = None,
-    rating_max: RatingMax = None,
 ) -> None:
     """Run the retraining flow: validate, split, train all models in parallel, register, promote `champion`."""
     import json
-    import os
 
     from mfpipe.config import load_config
 
     cfg = load_config(
         config,
         overrides={
-            "data": data, "models": models, "k": k, "seed": seed, "task_runner": task_runner,
-            "dask_address": dask_address,
-            "data_options": data_overrides(user_col, item_col, rating_col, timestamp_col, sep, rating_min, rating_max),
-            "split": split_overrides(protocol, cutoff_quantile, cutoff, test_quantile, relevance_threshold, seed),
+            "data": data, "models": models, "k": k, "seed": seed, "dask_address": dask_address,
+            "task_runner": task_runner.value if task_runner else None, "data_options": data_options, "split": split,
         },
     )  # fmt: skip
-    # The ephemeral Prefect API starts in ~10 s, slower on a busy machine: give it room before failing.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.retrain import run as run_flow
 
     outcome = run_flow(cfg)
@@ -375,10 +360,9 @@ def run(
 
 
 def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     report = outcome.report
     champion = report["champion"]
     metrics = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}"]
@@ -398,7 +382,8 @@ def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
     console.print(
         f"training: {outcome.train_wall_seconds:.1f} s wall for {outcome.train_sum_seconds:.1f} s of model fitting"
     )
-    console.print("stages (s): " + ", ".join(f"{name} {sec:.1f}" for name, sec in outcome.stage_seconds.items()))
+    stages = report["timing"]["stages"]
+    console.print("stages (s): " + ", ".join(f"{name} {sec:.1f}" for name, sec in stages.items()))
     if outcome.test_ndcg is not None:
         console.print(f"champion on the test slice: ndcg@{k} {outcome.test_ndcg:.4f}")
     if json_report is not None:
@@ -415,7 +400,7 @@ def _registered_model(dataset: str | None, config: Path | None) -> tuple[Any, st
     cfg = load_config(config)
     store = tracking.open_store(cfg.tracking_uri)
     if dataset is None:
-        from mfpipe.pipeline import dataset_name
+        from mfpipe.data import dataset_name
 
         dataset = dataset_name(cfg.data)
     return store, tracking.registered_model_name(dataset, cfg.registered_model)
@@ -474,12 +459,12 @@ def promote(
     config: ConfigFile = None,
 ) -> None:
     """Move `champion` by hand (`--version N` or `--rollback`); the reason is recorded."""
-    from mfpipe import tracking
+    from mfpipe.promotion import set_champion_by_hand
 
     if (version is None) == (not rollback):
         raise MfpipeError("give exactly one of --version N or --rollback")
     store, name = _registered_model(dataset, config)
-    decision = tracking.set_champion_by_hand(store, name, version, reason, rollback=rollback)
+    decision = set_champion_by_hand(store, name, version, reason, rollback=rollback)
     typer.echo(f"champion of {name}: v{decision.before_version} -> v{decision.after_version} ({decision.reason})")
 
 

@@ -1,4 +1,4 @@
-"""The one exception type for problems a user can cause and fix."""
+"""The one exception type for problems a user can cause and fix, and the one way to say an error in a line."""
 
 
 class MfpipeError(Exception):
@@ -11,3 +11,13 @@ class MfpipeError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(" ".join(str(message).split()))
         self.exit_code = exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its first line (servers answer with pages), prefixed with its type
+    unless it is our own message."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    if isinstance(exc, MfpipeError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -166,7 +166,8 @@ class PairedComparison:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "mean_diff": _num(self.mean_diff), "se": _num(self.se), "ci95": [_num(v) for v in self.ci95],
+            "mean_diff": finite_or_none(self.mean_diff), "se": finite_or_none(self.se),
+            "ci95": [finite_or_none(v) for v in self.ci95],
             "a_wins": self.a_wins, "b_wins": self.b_wins, "ties": self.ties, "n": self.n,
         }  # fmt: skip
 
@@ -246,9 +247,9 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 42) -> PairedCom
 
 
 # -- reports -----------------------------------------------------------------------------------------
-def _num(value: float) -> float | None:
-    """JSON has no NaN: an undefined figure (e.g. no cold users) is null."""
-    return float(value) if math.isfinite(value) else None
+def finite_or_none(value: float | None) -> float | None:
+    """JSON and MLflow tags have no NaN: an undefined figure (e.g. no cold users) is None."""
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 @dataclass(frozen=True)
@@ -265,9 +266,9 @@ class GroupSummary:
     def to_json(self, k: int) -> dict[str, Any]:
         """`n_users`, then `ndcg@10`, … and their `_se` / `_ci95` companions (the Contracts layout)."""
         out: dict[str, Any] = {"n_users": self.n_users}
-        out.update({display_name(m, k): _num(s.mean) for m, s in self.metrics.items()})
-        out.update({display_name(m, k, "se"): _num(s.se) for m, s in self.metrics.items()})
-        out.update({display_name(m, k, "ci95"): [_num(v) for v in s.ci95] for m, s in self.metrics.items()})
+        out.update({display_name(m, k): finite_or_none(s.mean) for m, s in self.metrics.items()})
+        out.update({display_name(m, k, "se"): finite_or_none(s.se) for m, s in self.metrics.items()})
+        out.update({display_name(m, k, "ci95"): [finite_or_none(v) for v in s.ci95] for m, s in self.metrics.items()})
         return out
 
 
@@ -303,8 +304,9 @@ class EvaluationReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "k": self.k, "part": self.part, "n_users": self.all.n_users, "n_skipped": self.n_skipped,
-            "n_cold_users": self.n_cold, "coverage": _num(self.coverage),
-            **{g: {**getattr(self, g).to_json(self.k), "coverage": _num(getattr(self, g).coverage)} for g in VARIANTS},
+            "n_cold_users": self.n_cold, "coverage": finite_or_none(self.coverage),
+            **{g: {**getattr(self, g).to_json(self.k), "coverage": finite_or_none(getattr(self, g).coverage)}
+               for g in VARIANTS},
         }  # fmt: skip
 
     def mlflow_metrics(self) -> dict[str, float]:
@@ -488,3 +490,11 @@ def evaluate_files(recs_path: Path, truth_path: Path, k: int = 10, seed: int = 4
 def evaluate_files_json(recs_path: Path, truth_path: Path, k: int = 10) -> str:
     """`evaluate_files` as strict JSON text (what `mfpipe evaluate` prints)."""
     return json.dumps(evaluate_files(recs_path, truth_path, k), allow_nan=False)
+
+
+def rating_metrics(model: Recommender, split: Split) -> dict[str, float]:
+    """RMSE and MAE on the validation ratings for models that predict ratings (SVD); {} for the others."""
+    if not hasattr(model, "rating_metrics") or not split.validation.has_ratings:
+        return {}
+    values = model.rating_metrics(split.validation)
+    return {name: values[name] for name in ("rmse", "mae") if math.isfinite(values[name])}

@@ -156,6 +156,12 @@ def log_pyfunc(model_path: Path, catalog_path: Path, example: pd.DataFrame) -> A
     )
 
 
+def log_to_run(run_id: str, model_path: Path, catalog_path: Path, example: pd.DataFrame) -> str:
+    """Log the candidate's pyfunc into an existing run of the current store; returns its model URI."""
+    with mlflow.start_run(run_id=run_id, nested=True, log_system_metrics=False):
+        return log_pyfunc(model_path, catalog_path, example).model_uri
+
+
 def load_pyfunc(model_uri: str) -> RecommenderModel:
     """Load a registered candidate (e.g. `models:/mfpipe-x@champion`) and return our wrapper."""
     try:

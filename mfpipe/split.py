@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from mfpipe.config import Config, SplitOptions
+from mfpipe.config import SplitOptions
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
 
@@ -330,12 +330,3 @@ def write_split(split: Split, out_dir: Path) -> dict[str, Path]:
         shutil.rmtree(tmp, ignore_errors=True)
     return {Path(name).stem: out_dir / name for name in written}
 
-
-def split_data(config: Config, out_dir: Path) -> Split:
-    """`mfpipe split`: load and validate `config.data`, split it, write the files into `out_dir`."""
-    from mfpipe.data import load_interactions  # lazy: mfpipe.data imports validation, which imports this module
-
-    data = load_interactions(config.data, config.data_options, config.data_home, config.seed)
-    split = split_interactions(data, config.split)
-    write_split(split, out_dir)
-    return split

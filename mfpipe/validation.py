@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mfpipe.config import Config, DataOptions
+from mfpipe.config import DataOptions
 from mfpipe.errors import MfpipeError
+from mfpipe.split import MIN_INTERACTIONS, MIN_ITEMS, MIN_USERS
 
 if TYPE_CHECKING:
     import rich.table
-
-    from mfpipe.split import SplitSummary
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
 CORE_SUITE = "interactions"
@@ -272,8 +271,6 @@ def _build_docs_locked(report: ValidationReport, docs_dir: Path) -> Path:
 
 def suite_parameters(options: DataOptions) -> dict[str, float]:
     """Run-time values of the `$PARAMETER`s in the suites (minimum sizes: what a split needs)."""
-    from mfpipe.split import MIN_INTERACTIONS, MIN_ITEMS, MIN_USERS  # lazy: mfpipe.data imports this module
-
     return {
         "rating_min": options.rating_min,
         "rating_max": options.rating_max,
@@ -321,43 +318,3 @@ def validate_frame(frame: pd.DataFrame, options: DataOptions) -> ValidationRepor
         gx_result=result,
         gx_key=key,
     )
-
-
-@dataclass(frozen=True, eq=False)
-class DataCheck:
-    """`mfpipe validate`: would `mfpipe run` accept this data? (the suite, then split feasibility)."""
-
-    report: ValidationReport
-    split: SplitSummary | None
-    split_error: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.report.success_critical and self.split is not None
-
-    def to_json(self) -> dict:
-        return {
-            "ok": self.ok,
-            "validation": self.report.to_json(),
-            "split": None if self.split is None else self.split.to_json(),
-            "split_error": self.split_error,
-        }
-
-
-def check_data(config: Config) -> DataCheck:
-    """Parse `config.data` (structural errors raise), run the suite, then try the configured split.
-
-    Value-level failures are reported, not raised, so the caller can still write the GX result.
-    """
-    from mfpipe.data import read_frame, to_interactions
-    from mfpipe.split import split_interactions
-
-    frame = read_frame(config.data, config.data_options, config.data_home, config.seed)
-    report = validate_frame(frame, config.data_options)
-    if not report.success_critical:
-        return DataCheck(report, None, "not attempted: a critical expectation failed")
-    try:
-        summary = split_interactions(to_interactions(frame), config.split).summary
-    except MfpipeError as exc:
-        return DataCheck(report, None, str(exc))
-    return DataCheck(report, summary, None)

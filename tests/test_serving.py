@@ -66,9 +66,7 @@ def register_tiny(tmp_path, name: str = "mfpipe-tiny") -> tuple[tracking.Store, 
     run = tracking.start_run(store, exp, "pop", {})
     catalog = serving.Catalog.of(data)
     model_path = create("pop").fit(data).save(tmp_path / "pop.npz")
-    uri = tracking.log_candidate_model(
-        store, run, model_path, catalog.save(tmp_path / "catalog.npz"), serving.input_example(catalog)
-    )
+    uri = serving.log_to_run(run, model_path, catalog.save(tmp_path / "catalog.npz"), serving.input_example(catalog))
     return store, tracking.register(store, name, uri, run, {"model": "pop"})
 
 

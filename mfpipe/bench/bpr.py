@@ -85,12 +85,15 @@ class ImplicitBPR(FactorModel):
 
 
 def load_case_data(spec: str, seed: int) -> Interactions:
-    """Interactions for a case through the data layer (cache, download, synthetic generator)."""
+    """Interactions for a case: generated directly, or read through the data layer (cache, download)."""
     from mfpipe.config import load_config
-    from mfpipe.data import load_interactions
+    from mfpipe.data import read_frame, synthetic, synthetic_size, to_interactions
 
+    size = synthetic_size(spec)
+    if size is not None:
+        return synthetic.generate(size, seed)
     config = load_config(overrides={"data": spec, "seed": seed})
-    return load_interactions(config.data, config.data_options, config.data_home)
+    return to_interactions(read_frame(config.data, config.data_options, config.data_home, seed))
 
 
 def validation_ndcg(model: FactorModel, split: Any, users: np.ndarray, k: int = 10) -> float:

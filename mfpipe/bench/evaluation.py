@@ -14,7 +14,6 @@ user, so every user is warm and the peer evaluates exactly our users.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -58,7 +57,6 @@ def evaluation_benchmark(
     report: Callable[[str], None] = lambda message: None,
 ) -> list[BenchResult]:
     """Median seconds of ours vs implicit's ranking_metrics_at_k (>= 3 interleaved runs, JIT excluded)."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numba
 
     threads = threads or numba.config.NUMBA_NUM_THREADS

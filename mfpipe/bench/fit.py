@@ -66,7 +66,6 @@ def fit_benchmark(
     report: Callable[[str], None] = lambda message: None,
 ) -> list[BenchResult]:
     """Median end-to-end fit seconds of each model vs its library called directly (see module docstring)."""
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from mfpipe.data.synthetic import generate, size_label
     from mfpipe.models import create
 

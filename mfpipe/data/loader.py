@@ -1,4 +1,4 @@
-"""From a data spec to the canonical frame and to `Interactions`.
+"""From a data spec to the canonical frame and to `Interactions` (validation sits between them, in `prepare`).
 
 Spec resolution (Contracts): an existing path wins (a table file, a MovieLens zip, or an extracted
 MovieLens folder); else a MovieLens source name; else `synthetic[:N]`; else a clear error.
@@ -136,17 +136,14 @@ def to_interactions(frame: pd.DataFrame) -> Interactions:
     )
 
 
-def load_interactions(spec: str, options: DataOptions, data_home: Path, seed: int = 42) -> Interactions:
-    """read_frame -> GX value checks (critical failures raise) -> to_interactions.
 
-    Generated data is valid by construction and skips both the suite and the string round trip.
-    """
-    if not Path(spec).expanduser().exists():
-        n = synthetic_size(spec)
-        if n is not None:
-            return synthetic.generate(n, seed)
-    from mfpipe.validation import validate_frame  # lazy: GX is slow to import
-
-    frame = read_frame(spec, options, data_home, seed)
-    validate_frame(frame, options).raise_for_critical(str(frame.attrs.get("source", spec)))
-    return to_interactions(frame)
+def dataset_name(spec: str) -> str:
+    """The name `read_frame` gives `spec`'s data, without reading it (for `--dataset` defaults)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        ratings = movielens.find_ratings(path)
+        return (ratings.parent if ratings is not None else path).name
+    if path.exists():
+        return path.name.removesuffix(".zip") if path.suffix.lower() == ".zip" else _stem(path)
+    size = synthetic_size(spec)
+    return f"synthetic-{synthetic.size_label(size)}" if size is not None else spec

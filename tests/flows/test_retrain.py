@@ -20,7 +20,7 @@ FAST = {
     "als": {"iterations": 3, "factors": 16},
     "bpr": {"epochs": 10, "factors": 16},
 }
-REPORT_KEYS = {"dataset", "protocol", "split", "models", "champion"}
+REPORT_KEYS = {"dataset", "protocol", "split", "models", "champion", "timing"}
 MODEL_KEYS = {"model", "status", "error", "metrics", "train_seconds", "run_id", "registered_model", "version"}
 SPLIT_KEYS = {"protocol", "seed", "cutoff", "relevance_threshold", "n_train", "n_validation", "n_test",
               "cold_users", "cold_items", "evaluable_users"}  # fmt: skip
@@ -121,7 +121,7 @@ def test_a_failing_model_does_not_stop_the_others(tmp_path):
 def test_dask_runner_needs_a_prefect_server():
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.retrain import task_runner
+    from flows._plumbing import task_runner
 
     with temporary_settings({PREFECT_API_URL: None}), pytest.raises(MfpipeError, match="needs a Prefect server"):
         task_runner(load_config(overrides={"task_runner": "dask"}), 2)

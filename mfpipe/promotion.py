@@ -1,0 +1,291 @@
+"""Which registered version is `champion`: the fair comparison, the rule, the lock and the alias moves.
+
+A run's best candidate is compared with the current champion re-scored on this run's validation split
+(`rescore`), by the configured rule (DESIGN "Promotion"). Promotion is serialised by an exclusive
+`fcntl.flock` on a lock file beside a local store (sqlite or file), which also covers several processes
+on one host. For a remote store the lock file lives in the local state folder, which serialises the runs
+of this host; across hosts the alias move is compare-and-set: just before moving `champion` we re-read
+it, and if another run moved it meanwhile the decision is taken again against the new champion.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mfpipe import serving, tracking
+from mfpipe.config import Config
+from mfpipe.data.interactions import Interactions
+from mfpipe.errors import MfpipeError
+from mfpipe.evaluation import (
+    EvaluationReport,
+    display_name,
+    evaluate_model,
+    finite_or_none,
+    metric_key,
+    paired_comparison,
+)
+from mfpipe.models.base import Recommender
+from mfpipe.report import ModelResult, best
+from mfpipe.split import Split
+from mfpipe.tracking import CHALLENGER, CHAMPION, Store, VersionInfo
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """This run's best finished model: its registry version and validation NDCG@k of warm users."""
+
+    model: str
+    version: str
+    score: float
+    k: int = 10
+
+
+@dataclass(frozen=True)
+class Rescore:
+    """The champion re-scored on this run's validation split, and the paired comparison with it."""
+
+    score: float
+    diff: float  # candidate - champion
+    ci95: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where `champion` points after a promotion step, and why (also what the report's block shows)."""
+
+    registered_model: str
+    promoted: bool
+    reason: str
+    rule: str
+    candidate: Candidate | None = None
+    before_version: str | None = None
+    before_score: float | None = None
+    after_version: str | None = None
+    after_score: float | None = None
+    diff: float | None = None
+    ci95: tuple[float, float] | None = None
+    challenger: str | None = None
+    k: int = 10
+
+    @classmethod
+    def unchanged(cls, name: str, reason: str, rule: str, champion: VersionInfo | None, k: int = 10) -> Decision:
+        """Nothing moves (no model finished, data unchanged): the champion stays where it was."""
+        version = champion.version if champion else None
+        return cls(name, False, reason, rule, before_version=version, after_version=version, k=k)
+
+    def tags(self) -> dict[str, Any]:
+        """The decision as tags (parent run and the versions involved)."""
+        score = metric_key("ndcg", self.k)
+        return {
+            "promotion.promoted": self.promoted,
+            "promotion.rule": self.rule,
+            "promotion.reason": self.reason,
+            "promotion.candidate_version": self.candidate.version if self.candidate else None,
+            f"promotion.candidate_{score}": self.candidate.score if self.candidate else None,
+            "promotion.champion_before": self.before_version,
+            f"promotion.champion_before_{score}": self.before_score,
+            "promotion.champion_after": self.after_version,
+            "promotion.diff": self.diff,
+            "promotion.ci95": None if self.ci95 is None else f"[{self.ci95[0]:.5f}, {self.ci95[1]:.5f}]",
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The `champion` block of the run report (Contracts)."""
+        key = display_name("ndcg", self.k)
+        return {
+            "registered_model": self.registered_model,
+            "before": {"version": self.before_version, key: finite_or_none(self.before_score)},
+            "after": {"version": self.after_version, key: finite_or_none(self.after_score)},
+            "promoted": bool(self.promoted),
+            "reason": self.reason,
+        }
+
+
+def decide(
+    name: str, candidate: Candidate, champion: VersionInfo | None, rescore: Rescore | None, rule: str
+) -> Decision:
+    """The promotion rule (DESIGN "Promotion"): no champion -> promote; else `significant` or `strict`."""
+    label = f"NDCG@{candidate.k}"
+    if champion is None or rescore is None:
+        return Decision(
+            name, True,
+            f"no champion yet: {candidate.model} v{candidate.version} ({label} {candidate.score:.4f}) becomes champion",
+            rule, candidate, after_version=candidate.version, after_score=candidate.score, k=candidate.k,
+        )  # fmt: skip
+    lo, hi = rescore.ci95
+    head = (
+        f"{candidate.model} v{candidate.version} {label} {candidate.score:.4f} vs champion v{champion.version} "
+        f"{rescore.score:.4f} on this validation split: difference {rescore.diff:+.4f}, 95% interval "
+        f"[{lo:+.4f}, {hi:+.4f}]"
+    )
+    if rule == "strict":
+        promoted = rescore.diff > 0
+        why = "higher (rule strict)" if promoted else "not higher (rule strict)"
+    else:
+        promoted = lo > 0
+        why = "interval above zero (rule significant)" if promoted else "interval not above zero (rule significant)"
+    after = (candidate.version, candidate.score) if promoted else (champion.version, rescore.score)
+    return Decision(
+        name, promoted, f"{head}: {why}; {'promoted' if promoted else 'champion kept'}", rule, candidate,
+        before_version=champion.version, before_score=rescore.score, after_version=after[0], after_score=after[1],
+        diff=rescore.diff, ci95=(lo, hi), challenger=None if promoted else candidate.version, k=candidate.k,
+    )  # fmt: skip
+
+
+@contextmanager
+def promotion_lock(store: Store, name: str) -> Iterator[None]:
+    """Exclusive lock per registered model: one promotion at a time (see the module docstring)."""
+    path = store.lock_dir / f".mfpipe-promote-{tracking.dataset_slug(name)}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def promote(
+    store: Store,
+    name: str,
+    candidate: Candidate,
+    rescore: Callable[[VersionInfo], Rescore],
+    rule: str = "significant",
+    attempts: int = 3,
+) -> Decision:
+    """Compare the candidate with the current champion (re-scored by `rescore`) and move the aliases.
+
+    Under the lock; the alias is re-read before it moves, and the decision retaken if it changed.
+    """
+    with promotion_lock(store, name):
+        for _ in range(attempts):
+            champion = tracking.alias_version(store, name, CHAMPION)
+            if champion is not None and champion.version == candidate.version:
+                return Decision(
+                    name, False, f"v{candidate.version} is already champion", rule, candidate,
+                    before_version=champion.version, before_score=candidate.score,
+                    after_version=champion.version, after_score=candidate.score, k=candidate.k,
+                )  # fmt: skip
+            scored = rescore(champion) if champion is not None else None
+            decision = decide(name, candidate, champion, scored, rule)
+            now = tracking.alias_version(store, name, CHAMPION)
+            if (now and now.version) != (champion and champion.version):
+                continue  # another host moved the champion meanwhile: decide again against it
+            _apply(store, decision)
+            return decision
+    raise MfpipeError(f"{name}: the champion kept moving during promotion; try again", exit_code=1)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _apply(store: Store, decision: Decision) -> None:
+    record = {"reason": decision.reason, "at": _stamp(), "rule": decision.rule}
+    if decision.promoted and decision.after_version:
+        record["previous"] = decision.before_version
+        tracking.move_alias(store, decision.registered_model, CHAMPION, decision.after_version, record)
+    elif decision.challenger:
+        tracking.move_alias(store, decision.registered_model, CHALLENGER, decision.challenger, record)
+
+
+def set_champion_by_hand(store: Store, name: str, version: str | None, reason: str, rollback: bool = False) -> Decision:
+    """`mfpipe promote`: move `champion` to `version`, or back to the previous champion (`rollback`)."""
+    with tracking.tracking_errors(store), promotion_lock(store, name):
+        current = tracking.alias_version(store, name, CHAMPION)
+        if rollback:
+            previous = (current.tags.get(f"{CHAMPION}.previous") if current else None) or None
+            if current is None or previous in (None, "None"):
+                raise MfpipeError(f"{name}: no earlier champion recorded to roll back to")
+            version = previous
+        target = tracking.get_version(store, name, str(version))
+        action = "rollback" if rollback else "manual promotion"
+        text = f"{action} by hand: {reason}" if reason else f"{action} by hand"
+        record = {"reason": text, "at": _stamp(), "rule": "manual"}
+        # A rollback must not be undone by the next rollback: keep the older lineage on the target.
+        if not rollback:
+            record["previous"] = current.version if current else None
+        tracking.move_alias(store, name, CHAMPION, target.version, record)
+        before = current.version if current else None
+        return Decision(name, True, text, "manual", before_version=before, after_version=target.version)
+
+
+# -- the fair comparison ------------------------------------------------------------------------------
+class Remapped:
+    """A model from another run seen through this split's index space (ids matched as strings).
+
+    Users this model never saw get its popularity fallback; items it recommends that this split does
+    not know become empty slots (never a hit). So a champion trained on other data is scored fairly.
+    """
+
+    def __init__(self, model: Recommender, catalog: serving.Catalog, data: Interactions) -> None:
+        self.model = model
+        self.user_map = catalog.user_index(data.user_ids)
+        self.item_map = serving.lookup_ids(np.asarray(data.item_ids).astype(str), catalog.item_ids)
+
+    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        users = np.asarray(users, np.int64)
+        inside = (users >= 0) & (users < len(self.user_map))
+        mapped = np.where(inside, self.user_map[np.clip(users, 0, max(len(self.user_map) - 1, 0))], -1)
+        items, scores = self.model.recommend(mapped, k, exclude_seen)
+        return np.where(items >= 0, self.item_map[np.clip(items, 0, None)], -1).astype(np.int32), scores
+
+
+def rescore(
+    pyfunc: serving.RecommenderModel, split: Split, config: Config, part: str = "validation"
+) -> EvaluationReport:
+    """Evaluate a registered model (our pyfunc wrapper) on this run's split."""
+    data = split.validation if part == "validation" else split.test
+    return evaluate_model(Remapped(pyfunc.model, pyfunc.catalog, data), split, config.k, part=part, seed=config.seed)
+
+
+def compare(candidate: EvaluationReport, champion: EvaluationReport, seed: int) -> tuple[float, tuple[float, float]]:
+    """Paired bootstrap of per-user NDCG@k on the warm users both were scored on."""
+    a = candidate.per_user.set_index("user_id")
+    b = champion.per_user.set_index("user_id")
+    users = a.index[a["warm"]].intersection(b.index)
+    result = paired_comparison(a.loc[users, "ndcg"].to_numpy(), b.loc[users, "ndcg"].to_numpy(), seed)
+    return result.mean_diff, result.ci95
+
+
+def promote_best(store: Store, name: str, results: list[ModelResult], split: Split, config: Config) -> Decision:
+    """Compare this run's best candidate with the champion re-scored on this split; move the aliases.
+
+    With no finished model nothing moves.
+    """
+    top = best(results)
+    with tracking.tracking_errors(store):
+        if top is None or top.version is None or top.evaluation is None:
+            champion = tracking.alias_version(store, name, CHAMPION)
+            reason = "no model finished: the champion stays where it was"
+            return Decision.unchanged(name, reason, config.promotion_rule, champion, config.k)
+        evaluation = top.evaluation
+
+        def rescore_champion(champion: VersionInfo) -> Rescore:
+            report = rescore(serving.load_pyfunc(f"models:/{name}/{champion.version}"), split, config)
+            diff, ci95 = compare(evaluation, report, config.seed)
+            return Rescore(report.warm["ndcg"].mean, diff, ci95)
+
+        candidate = Candidate(top.model, top.version, top.score, config.k)
+        return promote(store, name, candidate, rescore_champion, config.promotion_rule)
+
+
+def champion_test_score(
+    name: str, decision: Decision, fitted: dict[str, Recommender], results: list[ModelResult], split: Split,
+    config: Config,
+) -> float | None:  # fmt: skip
+    """The honest final figure: the champion scored once on the test slice (None without a test slice)."""
+    if split.test is None or decision.after_version is None:
+        return None
+    mine = {r.version: r.model for r in results if r.version is not None}
+    if decision.after_version in mine:
+        report = evaluate_model(fitted[mine[decision.after_version]], split, config.k, part="test", seed=config.seed)
+    else:
+        report = rescore(serving.load_pyfunc(f"models:/{name}/{decision.after_version}"), split, config, part="test")
+    return report.warm["ndcg"].mean

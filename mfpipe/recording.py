@@ -1,0 +1,230 @@
+"""What a retrain run writes to MLflow, in the order it happens: parent run, validation, split, one child
+run per model (registered as a version when it finished), the decision, the figures, the end.
+
+Every write goes through `mfpipe.tracking`; nothing here decides anything. A store that fails raises
+one MfpipeError line (exit 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mfpipe import __version__, serving, tracking
+from mfpipe.config import Config
+from mfpipe.data.interactions import Interactions
+from mfpipe.evaluation import METRICS, finite_or_none, metric_key
+from mfpipe.figures import all_figures
+from mfpipe.lineage import config_hash, environment, git_commit
+from mfpipe.prepare import Validated
+from mfpipe.promotion import Decision
+from mfpipe.report import ModelResult, split_json
+from mfpipe.split import Split
+from mfpipe.tracking import Store
+from mfpipe.training import Trained
+
+
+@dataclass
+class RunContext:
+    """Where this run records: the store, the dataset's experiment, the parent run, the registry name."""
+
+    store: Store
+    experiment_id: str
+    parent_run_id: str
+    registered_model: str
+    lineage: dict[str, Any]
+
+    @property
+    def link(self) -> str:
+        return self.store.run_link(self.experiment_id, self.parent_run_id)
+
+
+def open_run(config: Config, data: Interactions, flow_run_id: str | None, flow_run_url: str | None) -> RunContext:
+    """The parent run of this flow run, in the dataset's experiment, tagged with the Prefect run."""
+    store = tracking.open_store(config.tracking_uri)
+    with tracking.tracking_errors(store):
+        exp_id = tracking.experiment_id(store, data.name)
+        lineage = {
+            "dataset": data.name,
+            "dataset_digest": data.digest,
+            "config_hash": config_hash(config),
+            "seed": config.seed,
+            "git_commit": git_commit(),
+            "mfpipe_version": __version__,
+        }
+        tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": flow_run_url, **lineage}
+        parent = tracking.start_run(store, exp_id, f"retrain {data.name}", tags)
+        tracking.log_values(
+            store,
+            parent,
+            params={
+                "data": config.data,
+                "models": ",".join(config.models),
+                "k": config.k,
+                "seed": config.seed,
+                "promotion_rule": config.promotion_rule,
+                "split": config.split.model_dump(mode="json"),
+                "data_options": config.data_options.model_dump(mode="json"),
+            },
+        )
+        tracking.log_dataset(store, [parent], data.name, data.digest, config.data, len(data), "training")
+        tracking.log_json(store, parent, environment(), "environment.json")
+    registered = tracking.registered_model_name(data.name, config.registered_model)
+    return RunContext(store, exp_id, parent, registered, lineage)
+
+
+def record_validation(ctx: RunContext, validated: Validated) -> None:
+    with tracking.tracking_errors(ctx.store):
+        if validated.files.exists():
+            tracking.log_dir(ctx.store, ctx.parent_run_id, validated.files, "validation")
+        tracking.log_values(
+            ctx.store,
+            ctx.parent_run_id,
+            tags={"validation.success": validated.success, "validation.error": validated.error},
+        )
+
+
+def record_split(ctx: RunContext, split: Split) -> None:
+    with tracking.tracking_errors(ctx.store):
+        tracking.log_json(ctx.store, ctx.parent_run_id, split_json(split), "split/split.json")
+        s = split.summary
+        tracking.log_values(
+            ctx.store,
+            ctx.parent_run_id,
+            metrics={
+                "n_train": s.n_train,
+                "n_validation": s.n_validation,
+                "n_test": s.n_test,
+                "cold_users": s.cold_users,
+                "cold_items": s.cold_items,
+                "evaluable_users": s.evaluable_users,
+            },
+            tags={"split_digest": split.digest},
+        )
+    ctx.lineage["split_digest"] = split.digest
+
+
+def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, split: Split, config: Config) -> None:
+    """The model's child run: params, curves, metrics, pyfunc; a finished model becomes a registry version.
+
+    A failed model gets a FAILED child run with its error; a run interrupted while logging is ended
+    FAILED too, so a retry never leaves a dangling RUNNING run behind.
+    """
+    store = ctx.store
+    with tracking.tracking_errors(store):
+        tags = {"model": result.model, **ctx.lineage}
+        run_id = tracking.start_run(store, ctx.experiment_id, result.model, tags, parent_id=ctx.parent_run_id)
+        result.run_id = run_id
+        result.run_link = store.run_link(ctx.experiment_id, run_id)
+        if trained is None or result.evaluation is None:
+            params = config.model_params.get(result.model, {})
+            tracking.log_values(store, run_id, params=params, tags={"status": "failed", "error": result.error})
+            tracking.end_run(store, run_id, ok=False)
+            return
+        try:
+            _record_finished(ctx, run_id, result, trained, split, config)
+        except BaseException:
+            tracking.end_run(store, run_id, ok=False)
+            raise
+        tracking.end_run(store, run_id, ok=True)
+
+
+def _record_finished(
+    ctx: RunContext, run_id: str, result: ModelResult, trained: Trained, split: Split, config: Config
+) -> None:
+    assert result.evaluation is not None
+    store = ctx.store
+    metrics = result.evaluation.mlflow_metrics()
+    tracking.log_values(
+        store,
+        run_id,
+        metrics={**metrics, **result.rating_metrics, "train_seconds": trained.train_seconds},
+        params={**trained.params, "threads": trained.threads},
+        tags={"status": "ok"},
+    )
+    tracking.log_curves(store, run_id, epoch_curves(trained.model.history))
+    tracking.log_dataset(
+        store, [run_id], split.train.name, split.train.digest, config.data, len(split.train), "training"
+    )
+    with _scratch() as folder:
+        catalog = serving.Catalog.of(split.train)
+        model_path = trained.model.save(folder / f"{result.model}.npz")
+        catalog_path = catalog.save(folder / "catalog.npz")
+        uri = serving.log_to_run(run_id, model_path, catalog_path, serving.input_example(catalog))
+    keys = [metric_key(m, config.k, v) for m in METRICS for v in ("", "all", "cold")]
+    tags = {
+        **ctx.lineage,
+        "model": result.model,
+        "train_seconds": round(trained.train_seconds, 3),
+        **{key: finite_or_none(metrics.get(key)) for key in keys},
+    }
+    result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
+    result.registered_model = ctx.registered_model
+
+
+@contextmanager
+def _scratch() -> Iterator[Path]:
+    """A temporary folder for files on their way into MLflow, removed once they are logged."""
+    folder = Path(tempfile.mkdtemp(prefix="mfpipe-run-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def epoch_curves(history: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per-epoch series for MLflow; NDCG measured every few epochs is re-indexed by its epochs."""
+    out = {key: values for key, values in history.items() if key not in ("eval_epoch", "epoch_ndcg_at_10")}
+    ndcg = history.get("epoch_ndcg_at_10") or []
+    epochs = history.get("eval_epoch") or range(1, len(ndcg) + 1)
+    if ndcg:
+        dense = [math.nan] * int(max(epochs))
+        for epoch, value in zip(epochs, ndcg, strict=False):
+            dense[int(epoch) - 1] = value
+        out["epoch_ndcg_at_10"] = dense  # NaN epochs are skipped by log_curves
+    return out
+
+
+def record_decision(ctx: RunContext, decision: Decision) -> None:
+    with tracking.tracking_errors(ctx.store):
+        tracking.log_values(ctx.store, ctx.parent_run_id, tags=decision.tags())
+
+
+def record_test_score(ctx: RunContext, version: str, value: float, k: int) -> None:
+    """The champion's one score on the test slice, on the parent run and on the version."""
+    key = f"test_{metric_key('ndcg', k)}"
+    with tracking.tracking_errors(ctx.store):
+        tracking.log_values(ctx.store, ctx.parent_run_id, metrics={key: value}, tags={"test.champion_version": version})
+        if math.isfinite(value):
+            ctx.store.client().set_model_version_tag(ctx.registered_model, version, key, f"{value:.6f}")
+
+
+def record_figures(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> None:
+    with tracking.tracking_errors(ctx.store):
+        for path, fig in all_figures(results, split, config.k).items():
+            tracking.log_figure(ctx.store, ctx.parent_run_id, fig, path)
+
+
+def close_run(ctx: RunContext, ok: bool, error: str | None, metrics: dict[str, float] | None = None) -> None:
+    """End the parent run FINISHED (at least one model finished) or FAILED with the reason as a tag."""
+    with tracking.tracking_errors(ctx.store):
+        tracking.log_values(ctx.store, ctx.parent_run_id, metrics=metrics, tags={"error": error})
+        tracking.end_run(ctx.store, ctx.parent_run_id, ok=ok)
+
+
+def warm_up(config: Config) -> None:
+    """Import matplotlib's backend and open the store (a new sqlite store creates its tables) ahead of use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    with contextlib.suppress(Exception):  # a broken store is reported where it is used, not here
+        tracking.open_store(config.tracking_uri)

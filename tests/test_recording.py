@@ -1,0 +1,85 @@
+"""What a run writes to MLflow, written without Prefect: parent run, child runs, versions, the end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mfpipe import prepare, recording, tracking, training
+from mfpipe.config import load_config
+from mfpipe.evaluation import evaluate_model
+from mfpipe.report import ModelResult, collect_results
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One run at k=5: pop finished and registered, bpr failed; the parent closed."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    config = load_config(overrides={"data": "synthetic:3000", "tracking_uri": store, "k": 5, "models": "pop,bpr"})
+    data, parts = prepare.prepare(config)
+    validated = prepare.validate(prepare.load(config), config, tmp_path_factory.mktemp("gx"))
+    pop = training.train_model("pop", parts, config, threads=1)
+    reports = {"pop": evaluate_model(pop.model, parts, config.k, seed=config.seed)}
+    results = collect_results(config.models, {"pop": pop}, reports, {"bpr": "bpr: training diverged"}, parts)
+    ctx = recording.open_run(config, data, "flow-run-id", None)
+    recording.record_validation(ctx, validated)
+    recording.record_split(ctx, parts)
+    for result in results:
+        recording.record_model(ctx, result, pop if result.model == "pop" else None, parts, config)
+    recording.close_run(ctx, ok=True, error=None)
+    return ctx, results, data, parts
+
+
+def test_the_parent_run_holds_lineage_split_and_validation(recorded):
+    ctx, _, data, parts = recorded
+    parent = ctx.store.client().get_run(ctx.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dataset_digest"] == data.digest and parent.data.tags["split_digest"] == parts.digest
+    assert parent.data.tags["prefect.flow_run_id"] == "flow-run-id" and parent.data.tags["validation.success"] == "True"
+    artifacts = {a.path for a in ctx.store.client().list_artifacts(ctx.parent_run_id)}
+    assert {"validation", "split", "environment.json"} <= artifacts
+
+
+def test_a_finished_model_is_a_version_with_metrics_named_after_k(recorded):
+    ctx, results, _, _ = recorded
+    pop = next(r for r in results if r.model == "pop")
+    assert pop.version is not None and pop.registered_model == ctx.registered_model
+    version = tracking.get_version(ctx.store, ctx.registered_model, pop.version)
+    assert float(version.tags["ndcg_at_5"]) == pytest.approx(pop.score)
+    assert "ndcg_at_10" not in version.tags
+    run = ctx.store.client().get_run(pop.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == ctx.parent_run_id
+    assert run.data.metrics["ndcg_at_5"] == pytest.approx(pop.score)
+
+
+def test_a_failed_model_is_a_failed_child_run_and_no_version(recorded):
+    ctx, results, _, _ = recorded
+    bpr = next(r for r in results if r.model == "bpr")
+    assert bpr.status == "failed" and bpr.version is None
+    run = ctx.store.client().get_run(bpr.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "bpr: training diverged"
+    assert len(tracking.list_versions(ctx.store, ctx.registered_model)) == 1
+
+
+def test_an_interrupted_registration_leaves_its_child_run_failed(recorded, monkeypatch):
+    ctx, results, _, parts = recorded
+    pop = next(r for r in results if r.model == "pop")
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("store went away")
+
+    monkeypatch.setattr(tracking, "register", broken)
+    result = ModelResult("pop", "ok", evaluation=pop.evaluation, train_seconds=1.0)
+    trained = training.train_model("pop", parts, load_config(overrides={"k": 5}), threads=1)
+    with pytest.raises(ConnectionError):
+        recording.record_model(ctx, result, trained, parts, load_config(overrides={"k": 5}))
+    assert ctx.store.client().get_run(result.run_id).info.status == "FAILED"
+
+
+def test_epoch_curves_put_sparse_ndcg_at_its_epochs():
+    history = {"epoch_loss": [3.0, 2.0, 1.0], "epoch_ndcg_at_10": [0.1, 0.2], "eval_epoch": [2, 3]}
+    curves = recording.epoch_curves(history)
+    assert curves["epoch_loss"] == [3.0, 2.0, 1.0] and set(curves) == {"epoch_loss", "epoch_ndcg_at_10"}
+    first, *rest = curves["epoch_ndcg_at_10"]
+    assert math.isnan(first) and rest == [0.1, 0.2]
