@@ -194,7 +194,7 @@ def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, traine
 def skipped(data: Interactions, parts: Split, config: Config, stages: Stages) -> RunOutcome:
     """The data did not change since the last finished run: nothing trained, the champion untouched."""
     store = tracking.open_store(config.tracking_uri)
-    name = tracking.registered_model_name(data.name, config.registered_model)
+    name = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
     with tracking.tracking_errors(store):
         champion = tracking.alias_version(store, name, tracking.CHAMPION)
     reason = f"data unchanged (digest {data.digest}): nothing trained"

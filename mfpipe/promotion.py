@@ -14,7 +14,7 @@ import fcntl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from mfpipe.evaluation import (
     paired_comparison,
 )
 from mfpipe.models.base import Recommender
+from mfpipe.ranking import top_k_excluding
 from mfpipe.report import ModelResult, best
 from mfpipe.split import Split
 from mfpipe.tracking import CHALLENGER, CHAMPION, Store, VersionInfo
@@ -49,11 +50,22 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Rescore:
-    """The champion re-scored on this run's validation split, and the paired comparison with it."""
+    """The champion re-scored on this run's validation split, and the paired comparison with it.
+
+    `leaked`: validation pairs of this run the champion was trained on; any makes the two incomparable.
+    """
 
     score: float
     diff: float  # candidate - champion
     ci95: tuple[float, float]
+    leaked: int = 0
+
+
+class ChampionUnavailable(MfpipeError):
+    """The current champion's artifacts cannot be loaded (deleted, corrupt): it cannot be compared or served."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,15 @@ def decide(
             f"no champion yet: {candidate.model} v{candidate.version} ({label} {candidate.score:.4f}) becomes champion",
             rule, candidate, after_version=candidate.version, after_score=candidate.score, k=candidate.k,
         )  # fmt: skip
+    if rescore.leaked:
+        return Decision(
+            name, False,
+            f"champion v{champion.version} was trained on {rescore.leaked} of this run's validation interactions "
+            f"(data re-ingested or the cutoff moved): not comparable; nothing moves to champion, "
+            f"{candidate.model} v{candidate.version} becomes challenger",
+            rule, candidate, before_version=champion.version, after_version=champion.version,
+            challenger=candidate.version, k=candidate.k,
+        )  # fmt: skip
     lo, hi = rescore.ci95
     head = (
         f"{candidate.model} v{candidate.version} {label} {candidate.score:.4f} vs champion v{champion.version} "
@@ -172,14 +193,29 @@ def promote(
                     before_version=champion.version, before_score=candidate.score,
                     after_version=champion.version, after_score=candidate.score, k=candidate.k,
                 )  # fmt: skip
-            scored = rescore(champion) if champion is not None else None
-            decision = decide(name, candidate, champion, scored, rule)
+            decision = _decide_against(store, name, candidate, champion, rescore, rule)
             now = tracking.alias_version(store, name, CHAMPION)
             if (now and now.version) != (champion and champion.version):
                 continue  # another host moved the champion meanwhile: decide again against it
             _apply(store, decision)
             return decision
     raise MfpipeError(f"{name}: the champion kept moving during promotion; try again", exit_code=1)
+
+
+def _decide_against(
+    store: Store, name: str, candidate: Candidate, champion: VersionInfo | None,
+    rescore: Callable[[VersionInfo], Rescore], rule: str,
+) -> Decision:  # fmt: skip
+    """`decide` against the current champion; one that cannot be loaded is tagged and treated as absent."""
+    if champion is None:
+        return decide(name, candidate, None, None, rule)
+    try:
+        return decide(name, candidate, champion, rescore(champion), rule)
+    except ChampionUnavailable as exc:
+        store.client().set_model_version_tag(name, champion.version, "load_error", str(exc))
+        decision = decide(name, candidate, None, None, rule)
+        note = f"champion v{champion.version} cannot be loaded ({exc}), so it is treated as absent; "
+        return replace(decision, reason=note + decision.reason, before_version=champion.version)
 
 
 def _stamp() -> str:
@@ -205,6 +241,10 @@ def set_champion_by_hand(store: Store, name: str, version: str | None, reason: s
                 raise MfpipeError(f"{name}: no earlier champion recorded to roll back to")
             version = previous
         target = tracking.get_version(store, name, str(version))
+        try:
+            load_version(name, target.version)
+        except ChampionUnavailable as exc:
+            raise MfpipeError(f"{exc}; champion not moved") from None
         action = "rollback" if rollback else "manual promotion"
         text = f"{action} by hand: {reason}" if reason else f"{action} by hand"
         record = {"reason": text, "at": _stamp(), "rule": "manual"}
@@ -217,32 +257,54 @@ def set_champion_by_hand(store: Store, name: str, version: str | None, reason: s
 
 
 # -- the fair comparison ------------------------------------------------------------------------------
-class Remapped:
-    """A model from another run seen through this split's index space (ids matched as strings).
+class InThisSplit:
+    """A registered model ranked exactly as this run's candidates are (DESIGN "Fair re-scoring").
 
-    Users this model never saw get its popularity fallback; items it recommends that this split does
-    not know become empty slots (never a hit). So a champion trained on other data is scored fairly.
+    Over this split's train catalogue only (a train item the model does not know scores -inf: it can never
+    be recommended), with this split's train-seen items excluded (not the model's own training history,
+    which would waste slots on what users consumed since), for this split's users matched by id; a user
+    the model never saw gets its popularity fallback. Ids are matched as strings.
     """
 
-    def __init__(self, model: Recommender, catalog: serving.Catalog, data: Interactions) -> None:
+    def __init__(self, model: Recommender, catalog: serving.Catalog, train: Interactions) -> None:
         self.model = model
-        self.user_map = catalog.user_index(data.user_ids)
-        self.item_map = serving.lookup_ids(np.asarray(data.item_ids).astype(str), catalog.item_ids)
+        self.users = catalog.user_index(np.asarray(train.user_ids))
+        self.items = catalog.item_index(np.asarray(train.item_ids))
+        self.known = np.flatnonzero(self.items >= 0)
+        self.seen = train.matrix
 
     def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         users = np.asarray(users, np.int64)
-        inside = (users >= 0) & (users < len(self.user_map))
-        mapped = np.where(inside, self.user_map[np.clip(users, 0, max(len(self.user_map) - 1, 0))], -1)
-        items, scores = self.model.recommend(mapped, k, exclude_seen)
-        return np.where(items >= 0, self.item_map[np.clip(items, 0, None)], -1).astype(np.int32), scores
+        warm = (users >= 0) & (users < len(self.users))
+        theirs = np.where(warm, self.users[np.clip(users, 0, max(len(self.users) - 1, 0))], -1)
+        own = np.empty((len(users), self.model.n_items), np.float32)
+        known_users = theirs >= 0
+        own[~known_users] = self.model.popularity
+        if known_users.any():
+            own[known_users] = self.model.score(theirs[known_users])
+        scores = np.full((len(users), len(self.items)), -np.inf, np.float32)
+        scores[:, self.known] = own[:, self.items[self.known]]
+        return top_k_excluding(scores, k, np.where(warm, users, -1), self.seen if exclude_seen else None)
+
+
+def leaked_pairs(model: Recommender, catalog: serving.Catalog, validation: Interactions) -> int:
+    """How many of this run's validation (user, item) pairs the model was trained on (its train-seen matrix)."""
+    users = catalog.user_index(np.asarray(validation.user_ids)[validation.users])
+    items = catalog.item_index(np.asarray(validation.item_ids)[validation.items])
+    both = (users >= 0) & (items >= 0)
+    if not both.any():
+        return 0
+    seen = model.seen.tocoo()
+    trained = seen.row.astype(np.int64) * seen.shape[1] + seen.col
+    return int(np.isin(users[both] * seen.shape[1] + items[both], trained).sum())
 
 
 def rescore(
-    pyfunc: serving.RecommenderModel, split: Split, config: Config, part: str = "validation"
+    loaded: serving.RecommenderModel, split: Split, config: Config, part: str = "validation"
 ) -> EvaluationReport:
-    """Evaluate a registered model (our pyfunc wrapper) on this run's split."""
-    data = split.validation if part == "validation" else split.test
-    return evaluate_model(Remapped(pyfunc.model, pyfunc.catalog, data), split, config.k, part=part, seed=config.seed)
+    """Evaluate a registered model on this run's split, ranked as the candidates are."""
+    ranked = InThisSplit(loaded.model, loaded.catalog, split.train)
+    return evaluate_model(ranked, split, config.k, part=part, seed=config.seed)
 
 
 def compare(candidate: EvaluationReport, champion: EvaluationReport, seed: int) -> tuple[float, tuple[float, float]]:
@@ -252,6 +314,14 @@ def compare(candidate: EvaluationReport, champion: EvaluationReport, seed: int) 
     users = a.index[a["warm"]].intersection(b.index)
     result = paired_comparison(a.loc[users, "ndcg"].to_numpy(), b.loc[users, "ndcg"].to_numpy(), seed)
     return result.mean_diff, result.ci95
+
+
+def load_version(name: str, version: str) -> serving.RecommenderModel:
+    """A registered version's model and catalogue; one that does not load is `ChampionUnavailable`."""
+    try:
+        return serving.load_pyfunc(f"models:/{name}/{version}")
+    except MfpipeError as exc:
+        raise ChampionUnavailable(f"{name} v{version} does not load: {exc}") from None
 
 
 def promote_best(store: Store, name: str, results: list[ModelResult], split: Split, config: Config) -> Decision:
@@ -268,9 +338,11 @@ def promote_best(store: Store, name: str, results: list[ModelResult], split: Spl
         evaluation = top.evaluation
 
         def rescore_champion(champion: VersionInfo) -> Rescore:
-            report = rescore(serving.load_pyfunc(f"models:/{name}/{champion.version}"), split, config)
+            loaded = load_version(name, champion.version)
+            leaked = leaked_pairs(loaded.model, loaded.catalog, split.validation)
+            report = rescore(loaded, split, config)
             diff, ci95 = compare(evaluation, report, config.seed)
-            return Rescore(report.warm["ndcg"].mean, diff, ci95)
+            return Rescore(report.warm["ndcg"].mean, diff, ci95, leaked)
 
         candidate = Candidate(top.model, top.version, top.score, config.k)
         return promote(store, name, candidate, rescore_champion, config.promotion_rule)
@@ -287,5 +359,5 @@ def champion_test_score(
     if decision.after_version in mine:
         report = evaluate_model(fitted[mine[decision.after_version]], split, config.k, part="test", seed=config.seed)
     else:
-        report = rescore(serving.load_pyfunc(f"models:/{name}/{decision.after_version}"), split, config, part="test")
+        report = rescore(load_version(name, decision.after_version), split, config, part="test")
     return report.warm["ndcg"].mean

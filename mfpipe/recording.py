@@ -76,7 +76,7 @@ def open_run(config: Config, data: Interactions, flow_run_id: str | None, flow_r
         )
         tracking.log_dataset(store, [parent], data.name, data.digest, config.data, len(data), "training")
         tracking.log_json(store, parent, environment(), "environment.json")
-    registered = tracking.registered_model_name(data.name, config.registered_model)
+    registered = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
     return RunContext(store, exp_id, parent, registered, lineage)
 
 
@@ -108,7 +108,12 @@ def record_split(ctx: RunContext, split: Split) -> None:
             },
             tags={"split_digest": split.digest},
         )
-    ctx.lineage["split_digest"] = split.digest
+    ctx.lineage.update(
+        split_digest=split.digest,
+        protocol=s.protocol,
+        cutoff=s.cutoff or "",
+        train_max_timestamp=int(split.train.timestamps.max()),
+    )
 
 
 def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, split: Split, config: Config) -> None:

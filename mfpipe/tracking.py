@@ -127,8 +127,15 @@ def dataset_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "data"
 
 
-def registered_model_name(dataset: str, override: str | None = None) -> str:
-    return override or f"mfpipe-{dataset_slug(dataset)}"
+def registered_model_name(dataset: str, protocol: str = "temporal", override: str | None = None) -> str:
+    """`mfpipe-<dataset>` for the production (temporal) protocol, `mfpipe-<dataset>-<protocol>` otherwise.
+
+    Protocols never compete: a random split's validation pairs sit inside a temporal champion's training data.
+    """
+    if override:
+        return override
+    suffix = "" if protocol == "temporal" else f"-{protocol}"
+    return f"mfpipe-{dataset_slug(dataset)}{suffix}"
 
 
 def experiment_id(store: Store, dataset: str) -> str:
@@ -303,9 +310,9 @@ def list_versions(store: Store, name: str) -> list[VersionInfo]:
 
 
 def move_alias(store: Store, name: str, alias: str, version: str, tags: dict[str, Any]) -> None:
-    """Point `alias` at `version` and record why on the version (tags prefixed with the alias)."""
+    """Record why on the version (tags prefixed with the alias), then point `alias` at it."""
     client = store.client()
-    client.set_registered_model_alias(name, alias, str(version))
     for key, value in tags.items():
         if value is not None:
             client.set_model_version_tag(name, str(version), f"{alias}.{key}", str(value))
+    client.set_registered_model_alias(name, alias, str(version))  # last: a reader never sees it without its record

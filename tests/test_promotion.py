@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from mfpipe import promotion, tracking
@@ -99,3 +100,127 @@ def test_no_finished_model_moves_nothing(tmp_path):
     decision = promotion.promote_best(store, "mfpipe-none", failed, None, load_config())
     assert not decision.promoted and decision.before_version == decision.after_version == v1
     assert tracking.alias_version(store, "mfpipe-none", tracking.CHAMPION).version == v1
+
+
+# -- the fair comparison ------------------------------------------------------------------------------
+def _grown_data():
+    """Run 1 sees the earliest 85% of the interactions, run 2 all of them (the data grew in between)."""
+    from mfpipe.data import synthetic, to_interactions
+    from mfpipe.data.loader import synthetic_frame
+
+    frame = synthetic_frame(synthetic.generate(20_000, seed=5))
+    early = frame[frame["timestamp"] < frame["timestamp"].quantile(0.85)]
+    early.attrs = frame.attrs
+    return to_interactions(early), to_interactions(frame)
+
+
+def _brute_force_top_k(model, catalog, train, users, k):
+    """An independent ranking: score by id, this train's catalogue only, this train's history excluded."""
+    champion_users = {u: i for i, u in enumerate(catalog.user_ids.tolist())}
+    champion_items = {item: j for j, item in enumerate(catalog.item_ids.tolist())}
+    seen = train.matrix
+    lists = []
+    for u in users:
+        uid = str(train.user_ids[u])
+        scores = model.score(np.array([champion_users[uid]]))[0] if uid in champion_users else model.popularity
+        history = set(seen[u].indices.tolist())
+        candidates = [
+            (-float(scores[champion_items[iid]]), j)
+            for j, iid in enumerate(train.item_ids.astype(str).tolist())
+            if iid in champion_items and j not in history
+        ]
+        lists.append([j for _, j in sorted(candidates)[:k]])
+    return lists
+
+
+@pytest.mark.parametrize("model_name", ["als", "pop"])
+def test_the_champion_is_ranked_exactly_as_the_candidates(model_name):
+    from mfpipe import serving
+    from mfpipe.config import SplitOptions
+    from mfpipe.models import create
+    from mfpipe.split import split_interactions
+
+    old, new = _grown_data()
+    old_split = split_interactions(old, SplitOptions())
+    champion = create(model_name, {"iterations": 3} if model_name == "als" else None, threads=1).fit(old_split.train)
+    catalog = serving.Catalog.of(old_split.train)
+    split = split_interactions(new, SplitOptions())
+    ranked = promotion.InThisSplit(champion, catalog, split.train)
+    users = np.arange(0, split.train.n_users, 7)
+    items, _ = ranked.recommend(users, 10)
+    expected = _brute_force_top_k(champion, catalog, split.train, users, 10)
+    assert [[int(i) for i in row if i >= 0] for row in items] == expected
+    # Items the champion never saw are never recommended; this split's train history never comes back.
+    unknown = set(np.flatnonzero(catalog.item_index(split.train.item_ids) < 0).tolist())
+    assert unknown and not unknown & set(items.ravel().tolist())
+    assert promotion.leaked_pairs(champion, catalog, split.validation) == 0
+
+
+def test_a_champion_trained_on_this_validation_data_is_not_comparable():
+    from mfpipe import serving
+    from mfpipe.config import SplitOptions
+    from mfpipe.models import create
+    from mfpipe.split import split_interactions
+
+    _, new = _grown_data()
+    champion = create("pop").fit(new)  # trained on everything, this run's validation slice included
+    split = split_interactions(new, SplitOptions())
+    leaked = promotion.leaked_pairs(champion, serving.Catalog.of(new), split.validation)
+    assert leaked == split.summary.n_validation
+    decision = promotion.decide("m", CANDIDATE, CHAMPION, promotion.Rescore(0.1, 0.2, (0.1, 0.3), leaked), "strict")
+    assert not decision.promoted and decision.challenger == "5" and decision.after_version == "2"
+    assert f"trained on {leaked} of this run's validation interactions" in decision.reason
+
+
+def test_an_unloadable_champion_is_tagged_and_treated_as_absent(tmp_path):
+    store, v1 = register_tiny(tmp_path, "mfpipe-broken")
+    _, v2 = register_tiny(tmp_path, "mfpipe-broken")
+    tracking.move_alias(store, "mfpipe-broken", tracking.CHAMPION, v1, {})
+
+    def unloadable(champion):
+        raise promotion.ChampionUnavailable(f"v{champion.version} does not load: artifact missing")
+
+    decision = promotion.promote(store, "mfpipe-broken", promotion.Candidate("pop", v2, 0.2), unloadable)
+    assert decision.promoted and decision.before_version == v1 and decision.after_version == v2
+    assert "cannot be loaded" in decision.reason
+    assert tracking.get_version(store, "mfpipe-broken", v1).tags["load_error"].endswith("artifact missing")
+    assert tracking.alias_version(store, "mfpipe-broken", tracking.CHAMPION).version == v2
+
+
+def test_promote_by_hand_refuses_a_version_that_does_not_load(tmp_path):
+    import shutil
+
+    store, v1 = register_tiny(tmp_path, "mfpipe-gone")
+    _, v2 = register_tiny(tmp_path, "mfpipe-gone")
+    tracking.move_alias(store, "mfpipe-gone", tracking.CHAMPION, v1, {})
+    model_id = store.client().get_model_version("mfpipe-gone", v2).source.removeprefix("models:/")
+    shutil.rmtree(store.client().get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    with pytest.raises(MfpipeError, match="does not load"):
+        promotion.set_champion_by_hand(store, "mfpipe-gone", v2, "try")
+    assert tracking.alias_version(store, "mfpipe-gone", tracking.CHAMPION).version == v1
+
+
+def test_rollback_edge_cases(tmp_path):
+    store, v1 = register_tiny(tmp_path, "mfpipe-roll")
+    _, v2 = register_tiny(tmp_path, "mfpipe-roll")
+    _, v3 = register_tiny(tmp_path, "mfpipe-roll")
+    with pytest.raises(MfpipeError, match="no earlier champion"):  # no champion at all
+        promotion.set_champion_by_hand(store, "mfpipe-roll", None, "", rollback=True)
+    first = promotion.promote(store, "mfpipe-roll", promotion.Candidate("pop", v1, 0.1), lambda c: None)
+    assert first.promoted
+    with pytest.raises(MfpipeError, match="no earlier champion"):  # the first champion has no predecessor
+        promotion.set_champion_by_hand(store, "mfpipe-roll", None, "", rollback=True)
+    better = promotion.Rescore(0.1, 0.1, (0.05, 0.15))
+    for version in (v2, v3):  # two automatic promotions: v1 -> v2 -> v3
+        candidate = promotion.Candidate("pop", version, 0.3)
+        assert promotion.promote(store, "mfpipe-roll", candidate, lambda c: better).promoted
+    promotion.set_champion_by_hand(store, "mfpipe-roll", None, "bad", rollback=True)  # after an automatic promotion
+    assert tracking.alias_version(store, "mfpipe-roll", tracking.CHAMPION).version == v2
+    promotion.set_champion_by_hand(store, "mfpipe-roll", None, "still bad", rollback=True)  # twice in a row
+    assert tracking.alias_version(store, "mfpipe-roll", tracking.CHAMPION).version == v1
+
+
+def test_protocols_register_apart():
+    assert tracking.registered_model_name("ml-100k") == "mfpipe-ml-100k"
+    assert tracking.registered_model_name("ml-100k", "random-per-item") == "mfpipe-ml-100k-random-per-item"
+    assert tracking.registered_model_name("ml-100k", "random-per-user", "mine") == "mine"
