@@ -1,2 +1,3 @@
--- Run by the postgres image on first start (empty volume): the Prefect server's database.
-CREATE DATABASE prefect OWNER mlops;
+-- Run by the postgres image on first start (empty volume): the databases besides POSTGRES_DB (mlflow).
+CREATE DATABASE prefect OWNER mlops;       -- the Prefect server
+CREATE DATABASE mlflow_auth OWNER mlops;   -- users and permissions of MLflow's basic-auth app

@@ -10,12 +10,6 @@ fixtures, which point this process (and child processes) at it.
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mfpipe import services
-from tests.conftest import require
+from tests.services import pg
 
 PG_USER, PG_PASSWORD = "mlops", "mlops"
 PG_DATABASES = ("mlflow", "prefect")
@@ -48,65 +42,18 @@ class Postgres:
         return f"{driver}://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
 
 
-def _pg_bin(name: str) -> str | None:
-    """Newest Debian PostgreSQL major version's binary."""
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[4]))
-    return found[-1] if found else None
-
-
-def _as_cluster_owner(directory: Path) -> list[str]:
-    """PostgreSQL refuses to run as root: as root, hand `directory` to user postgres and run as it."""
-    if os.geteuid() != 0:
-        return []
-    try:
-        owner = pwd.getpwnam("postgres")
-    except KeyError:
-        require(False, "running as root and no 'postgres' user to own the cluster (make services-deps)")
-    for path in [directory, *directory.rglob("*")]:
-        os.chown(path, owner.pw_uid, owner.pw_gid)
-    return ["runuser", "-u", "postgres", "--"]
-
-
-def _run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr or result.stdout}")
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    """A throw-away cluster: initdb into a temp dir, `pg_ctl start` on a free port, role + databases."""
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    require(initdb is not None and pg_ctl is not None, "PostgreSQL binaries missing: run `make services-deps`")
-    # Under /tmp, not pytest's 0700 tmp dir: user postgres must be able to reach it.
-    root = Path(tempfile.mkdtemp(prefix="mfpipe-pg-"))
-    data, pwfile = root / "data", root / "pwfile"
-    pwfile.write_text("postgres\n")
-    as_owner = _as_cluster_owner(root)
-    port = services.free_port()
-    _run([*as_owner, initdb, "-D", str(data), "-U", "postgres", "-A", "scram-sha-256", f"--pwfile={pwfile}", "-N"])
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
-    _run([*as_owner, pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o", options, "start"])
+    """A throw-away cluster (tests/services/pg.py) with the role and databases the servers use."""
+    cluster = pg.start()
     try:
-        _create_role_and_databases(port)
-        yield Postgres("127.0.0.1", port, PG_USER, PG_PASSWORD)
+        cluster.execute(
+            [f"CREATE ROLE {PG_USER} LOGIN PASSWORD '{PG_PASSWORD}'"]
+            + [f"CREATE DATABASE {database} OWNER {PG_USER}" for database in PG_DATABASES]
+        )
+        yield Postgres(cluster.host, cluster.port, PG_USER, PG_PASSWORD)
     finally:
-        _run([*as_owner, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _create_role_and_databases(port: int) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password="postgres", dbname="postgres")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE ROLE {PG_USER} LOGIN PASSWORD %s", (PG_PASSWORD,))
-            for database in PG_DATABASES:
-                cur.execute(f"CREATE DATABASE {database} OWNER {PG_USER}")
-    finally:
-        conn.close()
+        cluster.stop()
 
 
 def _drain_prefect_clients() -> None:
