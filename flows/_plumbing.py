@@ -16,17 +16,6 @@ from mfpipe.errors import MfpipeError
 from mfpipe.lineage import stable_hash
 
 
-class _ThreadTimeoutNotice(logging.Filter):
-    """Drop Prefect's per-task notice that a timeout in a worker thread cannot interrupt blocking code.
-
-    That is known and handled: every training loop checks its own deadline between epochs, so a fit
-    that overruns `train_timeout_seconds` stops itself. The notice would repeat for every model.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Timeout of %s seconds configured for this task")
-
-
 class _UserErrorOnce(logging.Filter):
     """Keep a user error (MfpipeError) off the console: the CLI prints it once, as one line, no traceback.
 
@@ -37,9 +26,6 @@ class _UserErrorOnce(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, MfpipeError) and "MfpipeError" not in record.getMessage()
-
-
-logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutNotice())
 
 
 def console_logs_to_stdout() -> None:

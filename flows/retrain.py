@@ -63,9 +63,9 @@ def unchanged(config: Config, data: Interactions) -> bool:
 
 
 @task(name="train", task_run_name="train {name}", cache_policy=NO_CACHE)
-def train(name: str, split: Split, config: Config, threads: int) -> training.Trained:
-    trained = training.train_model(name, split, config, threads)
-    get_run_logger().info(f"{name} trained in {trained.train_seconds:.1f} s with {threads} thread(s)")
+def train(name: str, split: Split, config: Config, budget: training.CoreBudget) -> training.Trained:
+    trained = training.train_model(name, split, config, budget)
+    get_run_logger().info(f"{name} trained in {trained.train_seconds:.1f} s (started with {trained.threads} thread(s))")
     return trained
 
 
@@ -117,12 +117,11 @@ def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: C
 
 
 def train_all(split: Split, config: Config) -> tuple[dict[str, training.Trained], dict[str, str]]:
-    """One training task per model, all at once; a failure is recorded, never fatal for the others."""
-    threads = training.thread_budget(config.models, config.threads)
-    get_run_logger().info(f"Training {', '.join(config.models)} in parallel ({threads} thread(s) each)")
-    task_ = train.with_options(timeout_seconds=config.train_timeout_seconds)
+    """One training task per model, all at once, sharing the cores; a failure never stops the others."""
+    budget = training.CoreBudget(config.threads, config.models)
+    get_run_logger().info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s)")
     with _plumbing.task_runner(config, len(config.models)) as runner:
-        futures = {name: runner.submit(task_, {"name": name, "split": split, "config": config, "threads": threads})
+        futures = {name: runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget})
                    for name in config.models}  # fmt: skip
         return _gather(futures)
 

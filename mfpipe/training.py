@@ -1,31 +1,62 @@
-"""Fit one model on a split's train part: its share of the cores, the divergence check, the `Trained` result.
+"""Fit one model on a split's train part: its share of the cores, its deadline, the `Trained` result.
 
-The flow runs one `train_model` per model in parallel (a Prefect task each); this module decides how
-many threads each gets and what a finished fit hands on to evaluation and recording.
+The flow runs one `train_model` per model in parallel (a Prefect task each). They share one `CoreBudget`:
+each model starts with an even share of the cores, and when one finishes its cores go to the models
+still training (ALS re-reads its thread count every iteration, BPR every few epochs), so the machine
+stays busy while the slowest model finishes. Every training loop checks its deadline between epochs or
+iterations, so a model over `train_timeout_seconds` stops itself and is reported failed.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from mfpipe.config import Config
-from mfpipe.errors import MfpipeError
 from mfpipe.models import create
 from mfpipe.models.base import Recommender
 from mfpipe.split import Split
 
+#: Models whose fit is too light to need a share of the cores.
+LIGHT_MODELS = frozenset({"pop"})
 
-def thread_budget(models: list[str], threads: int) -> int:
-    """Threads per training task so the parallel tasks together fit the machine.
 
-    The popularity baseline is a bincount and needs no share; the others split the cores evenly.
+class CoreBudget:
+    """The cores of this process shared by the models training at once (thread task runner).
+
+    With a process-based runner (Dask) each worker gets its own budget and the split is static.
     """
-    heavy = max(1, sum(1 for m in models if m != "pop"))
-    return max(1, threads // heavy)
+
+    def __init__(self, cores: int, models: list[str]) -> None:
+        self.cores = max(1, cores)
+        self._waiting = {m for m in models if m not in LIGHT_MODELS}
+        self._training: dict[str, Recommender] = {}
+        self._lock = threading.Lock()
+
+    def share(self) -> int:
+        """Threads each heavy model gets now: the cores over the models not finished yet."""
+        return max(1, self.cores // max(1, len(self._waiting | set(self._training))))
+
+    def start(self, name: str, model: Recommender) -> int:
+        with self._lock:
+            self._training[name] = model
+            model.threads = 1 if name in LIGHT_MODELS else self.share()
+            return model.threads
+
+    def finish(self, name: str) -> None:
+        """`name` is done: give its cores to the heavy models still training."""
+        with self._lock:
+            self._training.pop(name, None)
+            self._waiting.discard(name)
+            for other, model in self._training.items():
+                if other not in LIGHT_MODELS:
+                    model.threads = self.share()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A budget sent to another process (Dask) starts afresh there: cores are per machine."""
+        return (CoreBudget, (self.cores, sorted(self._waiting)))
 
 
 @dataclass
@@ -39,21 +70,21 @@ class Trained:
     params: dict[str, Any]
 
 
-def train_model(name: str, split: Split, config: Config, threads: int) -> Trained:
-    """Fit one model on the train slice with `threads` threads for BLAS, numba and implicit.
+def train_model(name: str, split: Split, config: Config, budget: CoreBudget) -> Trained:
+    """Fit one model on the train slice within its deadline, its threads taken from `budget`.
 
-    The validation truth is passed for models that record learning curves or stop early. A model whose
-    scores come out non-finite (diverged) is an error, so it is reported failed, never promoted.
+    The validation truth is passed for models that record learning curves or stop early. A fit that
+    diverges (non-finite state) or overruns its deadline raises a one-line MfpipeError (exit 1).
     """
     from threadpoolctl import threadpool_limits
 
-    model = create(name, config.model_params.get(name), threads=threads, seed=config.seed)
+    model = create(name, config.model_params.get(name), seed=config.seed)
+    threads = budget.start(name, model)
     started = time.perf_counter()
-    with threadpool_limits(limits=threads, user_api="blas"):
-        model.fit(split.train, split.truth("validation"))
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            model.fit(split.train, split.truth("validation"), deadline=time.monotonic() + config.train_timeout_seconds)
+    finally:
+        budget.finish(name)
     seconds = time.perf_counter() - started
-    probe = np.arange(min(split.train.n_users, 256))
-    _, scores = model.recommend(probe, 10, exclude_seen=False)
-    if np.isnan(scores).any() or np.isposinf(scores).any():
-        raise MfpipeError(f"{name}: training diverged (non-finite scores); check its parameters", exit_code=1)
     return Trained(name, model, seconds, threads, model.params.model_dump(mode="json"))

@@ -19,7 +19,7 @@ def recorded(tmp_path_factory):
     config = load_config(overrides={"data": "synthetic:3000", "tracking_uri": store, "k": 5, "models": "pop,bpr"})
     data, parts = prepare.prepare(config)
     validated = prepare.validate(prepare.load(config), config, tmp_path_factory.mktemp("gx"))
-    pop = training.train_model("pop", parts, config, threads=1)
+    pop = training.train_model("pop", parts, config, training.CoreBudget(1, ["pop"]))
     reports = {"pop": evaluate_model(pop.model, parts, config.k, seed=config.seed)}
     results = collect_results(config.models, {"pop": pop}, reports, {"bpr": "bpr: training diverged"}, parts)
     ctx = recording.open_run(config, data, "flow-run-id", None)
@@ -71,7 +71,7 @@ def test_an_interrupted_registration_leaves_its_child_run_failed(recorded, monke
 
     monkeypatch.setattr(tracking, "register", broken)
     result = ModelResult("pop", "ok", evaluation=pop.evaluation, train_seconds=1.0)
-    trained = training.train_model("pop", parts, load_config(overrides={"k": 5}), threads=1)
+    trained = training.train_model("pop", parts, load_config(overrides={"k": 5}), training.CoreBudget(1, ["pop"]))
     with pytest.raises(ConnectionError):
         recording.record_model(ctx, result, trained, parts, load_config(overrides={"k": 5}))
     assert ctx.store.client().get_run(result.run_id).info.status == "FAILED"

@@ -27,7 +27,7 @@ from mfpipe.report import (
 def outcome():
     config = load_config(overrides={"data": "synthetic:3000", "k": 7, "models": "pop,als"})
     data, parts = prepare.prepare(config)
-    pop = training.train_model("pop", parts, config, threads=1)
+    pop = training.train_model("pop", parts, config, training.CoreBudget(1, ["pop"]))
     reports = {"pop": evaluate_model(pop.model, parts, config.k)}
     results = collect_results(config.models, {"pop": pop}, reports, {"als": "als: over its time limit"}, parts)
     return config, data, parts, results

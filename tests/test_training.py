@@ -1,0 +1,62 @@
+"""One model's fit: the shared core budget, the deadline, divergence (no Prefect needed)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from mfpipe import prepare, training
+from mfpipe.config import load_config
+from mfpipe.errors import MfpipeError
+from mfpipe.models import create
+from mfpipe.models.base import TrainingTimeout
+
+
+def test_a_finished_model_gives_its_cores_to_the_ones_still_training():
+    budget = training.CoreBudget(4, ["svd", "als", "bpr", "pop"])
+    svd, als, bpr, pop = (create(name) for name in ("svd", "als", "bpr", "pop"))
+    assert [budget.start(n, m) for n, m in (("svd", svd), ("als", als), ("bpr", bpr), ("pop", pop))] == [1, 1, 1, 1]
+    budget.finish("pop")  # light: changes nothing
+    assert (svd.threads, als.threads, bpr.threads) == (1, 1, 1)
+    budget.finish("svd")
+    assert (als.threads, bpr.threads) == (2, 2)
+    budget.finish("als")
+    assert bpr.threads == 4
+
+
+def test_models_not_started_yet_keep_their_share_reserved():
+    budget = training.CoreBudget(4, ["als", "bpr"])
+    als = create("als")
+    assert budget.start("als", als) == 2  # bpr has not started, but it will: half the cores stay free
+
+
+def test_a_budget_sent_to_another_process_starts_afresh():
+    budget = training.CoreBudget(2, ["als", "bpr"])
+    budget.start("als", create("als"))
+    copy = pickle.loads(pickle.dumps(budget))
+    assert copy.cores == 2 and copy.share() == 1
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return prepare.prepare(load_config(overrides={"data": "synthetic:3000"}))[1]
+
+
+def test_train_model_stops_at_its_deadline(parts):
+    config = load_config(overrides={"train_timeout_seconds": 1e-9, "model_params": {"bpr": {"epochs": 500}}})
+    with pytest.raises(TrainingTimeout, match=r"bpr: stopped .* over its time limit") as caught:
+        training.train_model("bpr", parts, config, training.CoreBudget(1, ["bpr"]))
+    assert caught.value.exit_code == 1
+
+
+def test_train_model_reports_divergence(parts):
+    config = load_config(overrides={"model_params": {"bpr": {"epochs": 5, "learning_rate": 1e30}}})
+    with pytest.raises(MfpipeError, match="diverged") as caught:
+        training.train_model("bpr", parts, config, training.CoreBudget(1, ["bpr"]))
+    assert caught.value.exit_code == 1
+
+
+def test_train_model_returns_what_it_took(parts):
+    trained = training.train_model("als", parts, load_config(), training.CoreBudget(2, ["als"]))
+    assert trained.threads == 2 and trained.train_seconds > 0 and trained.params["factors"] > 0
