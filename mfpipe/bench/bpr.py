@@ -139,21 +139,10 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 def memory_ceiling(model: Any, epochs: int, threads: int, repeats: int, seed: int) -> float:
     """Samples/s of our sampling loop without the arithmetic (median of `repeats`), on `model`'s data."""
-    import numba
-
-    from mfpipe.models import _bpr_kernels as kernels
     from mfpipe.models.bpr import Sampler
 
     sampler = Sampler(model.seen, popularity=model.params.negative_sampling == "popularity")
-    learning_rates = np.full(epochs, model.params.learning_rate)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        seconds = median_seconds(
-            lambda: sampler.epochs(model, kernels.thread_states(seed, threads), learning_rates, learn=False), repeats
-        )
-    finally:
-        numba.set_num_threads(previous)
+    seconds = median_seconds(lambda: sampler.memory_pass(model, epochs, threads, seed), repeats)
     return epochs * len(sampler.pairs) / seconds
 
 

@@ -3,17 +3,23 @@
 Why the kernels look like this (measured on this machine, see the BPR notes in DESIGN.md): memory
 traffic, not arithmetic, limits BPR. So
 
-- positives are drawn from one contiguous array of (user, item) pairs (one load gives both);
+- positives are drawn from one contiguous array of pair rows (user, item, first bucket, bucket count):
+  one load gives the user, the positive and where the user's membership table lives;
 - each thread runs its own chunk of every epoch of a segment with its own xorshift generator: no atomics,
   no shared counters, no barrier between epochs;
 - the samples are pipelined: the pair slot is drawn two samples ahead and the factor rows, biases and
-  the membership word one sample ahead, each with a real `llvm.prefetch`, so the DRAM misses of the
-  next sample overlap the arithmetic of the current one;
-- "is the negative unseen?" (the main cost left) is one bit test: a dense user x item bitset when it is
-  small, otherwise a hashed bitset (a one-hash Bloom filter: never a false "unseen") with an exact binary
-  search over the user's sorted CSR row only when the bit is set;
+  the negative's membership bucket one sample ahead, each with a real `llvm.prefetch`, so the misses of
+  the next sample overlap the arithmetic of the current one;
+- "is the negative unseen?" is exact and costs one cache line: every user has an open-addressing hash
+  set of their items in buckets of 16 int32 slots (one aligned cache line each), at most half full. A
+  lookup compares the whole home bucket (prefetched a sample ahead, like the rows) and stops at its
+  first empty slot, so it almost never reads a second line. The hashed bitset it replaces sent ~6% of
+  the lookups on to a binary search over the user's CSR row: a chain of dependent misses per lookup;
 - dynamic negative sampling (more than one candidate, keep the hardest) draws its second candidate a
-  sample ahead (prefetched like the first); any further ones in the update stage, unprefetched.
+  sample ahead (prefetched like the first); any further ones in the update stage, unprefetched;
+- no libm call per sample: `exp` is an inline polynomial and the epoch loss is kept as a running product
+  of the sampled sigmoids (one multiply; a log per chunk instead of a `log1p` per sample). The two calls
+  cost about as much as the whole 64-float update on cache-resident rows.
 
 Floating point: float32 factors, `fastmath` without `nnan`/`ninf`, so a diverging run still shows as a
 non-finite loss (the model turns it into an error) instead of being optimised away.
@@ -29,9 +35,20 @@ from numba.extending import intrinsic
 
 FASTMATH = {"contract", "reassoc", "arcp", "nsz", "afn"}
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing multiplier
-HASH_BITS_PER_PAIR = 16  # hashed bitset size: ~6% false "maybe seen", each settled by a binary search
+BUCKET = 16  # int32 slots per membership bucket: one 64-byte cache line
+EMPTY = -1  # a free membership slot
+FOUND, FREE = (1 << BUCKET) - 1, ((1 << BUCKET) - 1) << BUCKET  # halves of `_bucket_masks`
+CACHE_LINE_BYTES = 64
 CACHE_LINE_FLOATS = 16
 MAX_TRIES = 512  # negative redraws before a triple is skipped (only users who saw nearly every item)
+# exp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-6 polynomial for e^r
+# (relative error ~2e-7, float32's own); outside [EXP_LO, EXP_HI] e^x is 0 or inf in float32.
+LOG2E = np.float32(1.44269504)
+LN2_HI, LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+P0, P1, P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+P3, P4, P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+EXP_LO, EXP_HI = np.float32(-87.3), np.float32(88.7)
+LIKELIHOOD_FLOOR = 1e-200  # the running product of sigmoids is rescaled below this (float64 range)
 
 
 @intrinsic
@@ -58,6 +75,50 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE-754 bit pattern is the int32 `bits` (to build 2**n for exp)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bucket_masks(typingctx, slots, offset, j):
+    """Bit k of the low half: slots[offset + k] == j; of the high half: slot k is free (k < BUCKET).
+
+    One vector load and two vector compares of the whole (cache-line aligned) bucket; written by hand
+    because numba's loop over the 16 slots stays scalar (~60 instructions per bucket).
+    """
+    if not (isinstance(slots, types.Array) and slots.dtype == types.int32 and isinstance(offset, types.Integer)):
+        return None
+    if not isinstance(j, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty, offty, jty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        index = context.cast(builder, args[1], offty, types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [index], wraparound=False)
+        i32, lanes = ir.IntType(32), ir.VectorType(ir.IntType(32), BUCKET)
+        bucket = builder.load(builder.bitcast(ptr, lanes.as_pointer()), align=CACHE_LINE_BYTES)
+        item = builder.trunc(context.cast(builder, args[2], jty, types.int64), i32)
+
+        def mask(value):
+            splat = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, i32(0))
+            splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, BUCKET), [0] * BUCKET))
+            bits = builder.bitcast(builder.icmp_signed("==", bucket, splat), ir.IntType(BUCKET))
+            return builder.zext(bits, i32)
+
+        return builder.or_(mask(item), builder.shl(mask(i32(EMPTY)), i32(BUCKET)))
+
+    return types.int32(slots, offset, j), codegen
+
+
 # -- random numbers --------------------------------------------------------------------------------
 @njit(inline="always")
 def _xorshift(x: np.uint64) -> np.uint64:
@@ -82,69 +143,78 @@ def thread_states(seed: int, n: int) -> np.ndarray:
 
 
 # -- membership: "has user u seen item j?" ----------------------------------------------------------
-def membership_table(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> tuple[np.ndarray, int]:
-    """Bitset words and hash shift (0: dense exact bitset) for `is_seen` over a CSR with sorted rows."""
-    n_users = len(indptr) - 1
-    nnz = len(indices)
-    hashed_bits = 1 << max(6, int(np.ceil(np.log2(max(1, nnz) * HASH_BITS_PER_PAIR))))
-    dense_bits = n_users * n_items
-    if dense_bits <= 2 * hashed_bits:
-        shift = 0
-        words = np.zeros(dense_bits // 64 + 1, np.uint64)
-    else:
-        shift = 64 - int(np.log2(hashed_bits))
-        words = np.zeros(hashed_bits // 64, np.uint64)
-    _fill_bits(indptr, indices, n_items, shift, words)
-    return words, shift
+def sampling_tables(indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the kernels sample from, for a user x item CSR: (pairs, slots, first bucket, bucket count).
+
+    `pairs` has one int32 row (user, item, first bucket of the user, the user's bucket count) per
+    interaction; `slots` holds every user's hash set of items. A user with n items gets ceil(2n / BUCKET)
+    buckets (at least one), so every set is at most half full: a bucket is rarely full, and a lookup
+    that meets a free slot can stop. `slots` starts on a cache line, so each bucket is exactly one line.
+    Bucket numbers are int32 (up to 2**31 buckets, 2**35 slots).
+    """
+    counts = np.diff(indptr)
+    n_buckets = np.maximum(1, -(-2 * counts // BUCKET)).astype(np.int32)
+    first = np.zeros(len(n_buckets), np.int32)
+    np.cumsum(n_buckets[:-1], out=first[1:])
+    total = int(n_buckets.sum(dtype=np.int64)) * BUCKET
+    buffer = np.empty(total * 4 + CACHE_LINE_BYTES, np.uint8)
+    start = -buffer.ctypes.data % CACHE_LINE_BYTES
+    slots = buffer[start : start + total * 4].view(np.int32)
+    pairs = np.empty((len(indices), 4), np.int32)
+    _fill(indptr, indices, first, n_buckets, slots, pairs)
+    return pairs, slots, first, n_buckets
 
 
 @njit(inline="always")
-def _bit_position(u, j, n_items, shift):
-    key = np.uint64(u) * np.uint64(n_items) + np.uint64(j)
-    if shift == 0:
-        return key
-    return (key * GOLDEN) >> np.uint64(shift)
+def _home(j, n_buckets):
+    """The bucket (of a user's n_buckets) where item j's search starts: Fibonacci hash, multiply-shift."""
+    h = (np.uint64(j) * GOLDEN) >> np.uint64(32)
+    return np.int64((h * np.uint64(n_buckets)) >> np.uint64(32))
 
 
 @njit(cache=True)
-def _fill_bits(indptr, indices, n_items, shift, words):
+def _fill(indptr, indices, first, n_buckets, slots, pairs):
+    """Pair rows, and each user's items inserted by linear probing over buckets (a bucket fills from
+    its first slot, so per-bucket counts place an item without reading the table)."""
+    slots[:] = EMPTY
+    used = np.zeros(n_buckets.max() if len(n_buckets) else 0, np.int64)
     for u in range(len(indptr) - 1):
+        used[: n_buckets[u]] = 0
         for p in range(indptr[u], indptr[u + 1]):
-            pos = _bit_position(u, indices[p], n_items, shift)
-            words[pos >> np.uint64(6)] |= np.uint64(1) << (pos & np.uint64(63))
+            j = indices[p]
+            pairs[p, 0], pairs[p, 1], pairs[p, 2], pairs[p, 3] = u, j, first[u], n_buckets[u]
+            b = _home(j, n_buckets[u])
+            while used[b] == BUCKET:  # a set at most half full always has room
+                b = b + 1 if b + 1 < n_buckets[u] else 0
+            slots[(np.int64(first[u]) + b) * BUCKET + used[b]] = j
+            used[b] += 1
 
 
 @njit(inline="always")
-def _in_row(indices, lo, hi, j):
-    """Binary search for j in the sorted slice indices[lo:hi]."""
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        value = indices[mid]
-        if value == j:
+def _is_seen(slots, first, n_buckets, j):
+    """Exact: is j in the user's set (their `first` bucket and bucket count)? Usually one bucket read."""
+    b = _home(j, n_buckets)
+    while True:
+        masks = _bucket_masks(slots, (np.int64(first) + b) * BUCKET, j)
+        if masks & FOUND:
             return True
-        if value < j:
-            lo = mid + 1
-        else:
-            hi = mid
-    return False
+        if masks & FREE:
+            return False
+        b = b + 1 if b + 1 < n_buckets else 0
 
 
 @njit(inline="always")
-def _is_seen(indptr, indices, words, shift, n_items, u, j):
-    pos = _bit_position(u, j, n_items, shift)
-    if (words[pos >> np.uint64(6)] >> (pos & np.uint64(63))) & np.uint64(1) == np.uint64(0):
-        return False
-    if shift == 0:
-        return True
-    return _in_row(indices, indptr[u], indptr[u + 1], j)
+def _prefetch_home(slots, first, n_buckets, j):
+    prefetch(slots, (np.int64(first) + _home(j, n_buckets)) * BUCKET)
 
 
 @njit(cache=True)
-def is_seen_many(indptr, indices, words, shift, n_items, users, items):
+def is_seen_many(slots, first, n_buckets, users, items):
     """Vector form of the membership test (what the sampler uses), for tests and checks."""
     out = np.empty(len(users), np.bool_)
     for k in range(len(users)):
-        out[k] = _is_seen(indptr, indices, words, shift, n_items, users[k], items[k])
+        u = users[k]
+        out[k] = _is_seen(slots, first[u], n_buckets[u], items[k])
     return out
 
 
@@ -159,16 +229,16 @@ def _draw_slots(state, nnz, n_items, popularity):
 
 @njit(inline="always")
 def _resolve(pairs, p, q, popularity):
-    """(user, positive, candidate negative) of the drawn slots."""
-    return pairs[p, 0], pairs[p, 1], pairs[q, 1] if popularity else q
+    """(user, positive, candidate negative, user's first bucket, user's bucket count) of the drawn slots."""
+    return pairs[p, 0], pairs[p, 1], pairs[q, 1] if popularity else q, pairs[p, 2], pairs[p, 3]
 
 
 @njit(inline="always")
-def _verified(state, pairs, indptr, indices, words, shift, n_items, popularity, u, j):
+def _verified(state, pairs, slots, n_items, popularity, first, n_buckets, j):
     """Redraw the negative until the user has not seen it; -1 after MAX_TRIES (a user who saw nearly all)."""
     nnz = pairs.shape[0]
     for _ in range(MAX_TRIES):
-        if not _is_seen(indptr, indices, words, shift, n_items, u, j):
+        if not _is_seen(slots, first, n_buckets, j):
             return state, j
         state, _, q = _draw_slots(state, nnz, n_items, popularity)
         j = pairs[q, 1] if popularity else q
@@ -183,25 +253,26 @@ def _prefetch_pairs(pairs, p, q, popularity):
 
 
 @njit(inline="always")
-def _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u, i, j):
+def _prefetch_rows(user_factors, item_factors, item_bias, slots, first, n_buckets, u, i, j):
     for f in range(0, user_factors.shape[1], CACHE_LINE_FLOATS):
         prefetch(user_factors, (u, f))
         prefetch(item_factors, (i, f))
         prefetch(item_factors, (j, f))
     prefetch(item_bias, i)
     prefetch(item_bias, j)
-    prefetch(words, _bit_position(u, j, n_items, shift) >> np.uint64(6))
+    _prefetch_home(slots, first, n_buckets, j)
 
 
 @njit(cache=True)
-def draw_negatives(pairs, indptr, indices, words, shift, n_items, popularity, users, state):
+def draw_negatives(pairs, slots, first, n_buckets, n_items, popularity, users, state):
     """One verified negative per entry of `users`, drawn exactly as the training loop draws them."""
     out = np.empty(len(users), np.int32)
     nnz = pairs.shape[0]
     for k in range(len(users)):
-        state, p, q = _draw_slots(state, nnz, n_items, popularity)
-        _, _, j = _resolve(pairs, p, q, popularity)
-        state, out[k] = _verified(state, pairs, indptr, indices, words, shift, n_items, popularity, users[k], j)
+        u = users[k]
+        state, _, q = _draw_slots(state, nnz, n_items, popularity)
+        j = pairs[q, 1] if popularity else q
+        state, out[k] = _verified(state, pairs, slots, n_items, popularity, first[u], n_buckets[u], j)
     return out
 
 
@@ -214,8 +285,8 @@ def _item_score(user_factors, item_factors, item_bias, u, j):
 
 
 @njit(inline="always")
-def _hardest(user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items, popularity,
-             state, u, j, k, candidates):  # fmt: skip
+def _hardest(user_factors, item_factors, item_bias, pairs, slots, n_items, popularity,
+             state, u, first, n_buckets, j, k, candidates):  # fmt: skip
     """Dynamic negative sampling (Zhang et al. 2013): the highest-scoring of `candidates` verified
     negatives (harder negatives, faster convergence). `k` is the second candidate, drawn and prefetched a
     sample ahead; any further ones are drawn here, unprefetched."""
@@ -223,9 +294,9 @@ def _hardest(user_factors, item_factors, item_bias, pairs, indptr, indices, word
     nnz = pairs.shape[0]
     for c in range(candidates - 1):
         if c > 0:
-            state, p, q = _draw_slots(state, nnz, n_items, popularity)
-            _, _, k = _resolve(pairs, p, q, popularity)
-        state, k = _verified(state, pairs, indptr, indices, words, shift, n_items, popularity, u, k)
+            state, _, q = _draw_slots(state, nnz, n_items, popularity)
+            k = pairs[q, 1] if popularity else q
+        state, k = _verified(state, pairs, slots, n_items, popularity, first, n_buckets, k)
         if k >= 0:
             value = _item_score(user_factors, item_factors, item_bias, u, k)
             if value > best:
@@ -235,12 +306,28 @@ def _hardest(user_factors, item_factors, item_bias, pairs, indptr, indices, word
 
 # -- the SGD step ---------------------------------------------------------------------------------
 @njit(inline="always")
+def _exp(x):
+    """float32 e**x without a libm call (inlined, ~15 instructions); NaN stays NaN, -inf gives 0, inf inf."""
+    xc = min(max(x, EXP_LO), EXP_HI)
+    n = np.floor(xc * LOG2E + np.float32(0.5))
+    r = xc - n * LN2_HI - n * LN2_LO
+    p = ((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5
+    p = p * r * r + r + np.float32(1.0)
+    value = p * _float32_from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    if x < EXP_LO:
+        return np.float32(0.0)
+    if x > EXP_HI:
+        return np.float32(np.inf)
+    return value if x == x else x
+
+
+@njit(inline="always")
 def _sgd_step(user_factors, item_factors, item_bias, u, i, j, lr, reg_user, reg_item, reg_bias):
-    """One BPR update; returns the triple's loss -ln sigmoid(x_uij) and whether it was ranked right."""
+    """One BPR update; returns the triple's sigmoid(x_uij) (its likelihood) and whether it was ranked right."""
     x = item_bias[i] - item_bias[j]
     for f in range(user_factors.shape[1]):
         x += user_factors[u, f] * (item_factors[i, f] - item_factors[j, f])
-    e = np.exp(x)
+    e = _exp(x)
     z = np.float32(1.0) / (np.float32(1.0) + e)  # sigmoid(-x) = d ln sigmoid(x) / dx
     for f in range(user_factors.shape[1]):
         wu = user_factors[u, f]
@@ -251,10 +338,10 @@ def _sgd_step(user_factors, item_factors, item_bias, u, i, j, lr, reg_user, reg_
         item_factors[j, f] = hj + lr * (-z * wu - reg_item * hj)
     item_bias[i] += lr * (z - reg_bias * item_bias[i])
     item_bias[j] += lr * (-z - reg_bias * item_bias[j])
-    # -ln sigmoid(x) = ln(1 + e^x) - x; below e^-16 it is 0 to float32 precision. Written so a NaN x
-    # gives a NaN loss (the divergence check) and an x of -inf an infinite one.
-    loss = np.float32(0.0) if x > np.float32(16.0) else np.log1p(e) - x
-    return loss, x > 0
+    # sigmoid(x) = e^x / (1 + e^x); above x = 16 it is 1 to float32 precision (and e^x may overflow).
+    # Written so a NaN x gives a NaN likelihood (the divergence check) and an x of -inf a zero one.
+    likelihood = np.float32(1.0) if x > np.float32(16.0) else e * z
+    return likelihood, x > 0
 
 
 @njit(inline="always")
@@ -268,22 +355,25 @@ def _touch_rows(user_factors, item_factors, u, i, j):
 
 @njit(fastmath=FASTMATH, cache=True)
 def _run_chunk(
-    user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items, popularity,
+    user_factors, item_factors, item_bias, pairs, slots, n_items, popularity,
     state, count, lr, reg_user, reg_item, reg_bias, candidates, learn,
 ):  # fmt: skip
     """`count` pipelined samples of one thread: (state, loss sum, correct, skipped).
 
+    The loss sum is -ln of the product of the sampled sigmoids, kept as a float64 mantissa rescaled by
+    LIKELIHOOD_FLOOR when it gets small (one multiply per sample, one log per chunk).
     With `learn` False the step (and the extra candidates) are left out: the loop only draws, verifies
     and reads the three rows (the memory ceiling); the loss slot returns their sum so the loads stay.
     """
     nnz = pairs.shape[0]
-    loss = 0.0
+    likelihood = 1.0
+    rescaled = 0
     correct = 0
     skipped = 0
     sink = np.float32(0.0)
     state, p, q = _draw_slots(state, nnz, n_items, popularity)
-    u1, i1, j1 = _resolve(pairs, p, q, popularity)
-    _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u1, i1, j1)
+    u1, i1, j1, first1, buckets1 = _resolve(pairs, p, q, popularity)
+    _prefetch_rows(user_factors, item_factors, item_bias, slots, first1, buckets1, u1, i1, j1)
     state, p, q = _draw_slots(state, nnz, n_items, popularity)
     _prefetch_pairs(pairs, p, q, popularity)
     k1 = np.int64(0)
@@ -291,37 +381,41 @@ def _run_chunk(
         state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
         k1 = pairs[q2, 1] if popularity else q2
     for _ in range(count):
-        u, i, j, k = u1, i1, j1, k1
-        u1, i1, j1 = _resolve(pairs, p, q, popularity)
-        _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u1, i1, j1)
+        u, i, j, k, first, buckets = u1, i1, j1, k1, first1, buckets1
+        u1, i1, j1, first1, buckets1 = _resolve(pairs, p, q, popularity)
+        _prefetch_rows(user_factors, item_factors, item_bias, slots, first1, buckets1, u1, i1, j1)
         if candidates > 1 and learn:
             state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
             k1 = pairs[q2, 1] if popularity else q2
-            _prefetch_rows(user_factors, item_factors, item_bias, words, shift, n_items, u1, k1, k1)
+            _prefetch_rows(user_factors, item_factors, item_bias, slots, first1, buckets1, u1, k1, k1)
         state, p, q = _draw_slots(state, nnz, n_items, popularity)
         _prefetch_pairs(pairs, p, q, popularity)
-        state, j = _verified(state, pairs, indptr, indices, words, shift, n_items, popularity, u, j)
+        state, j = _verified(state, pairs, slots, n_items, popularity, first, buckets, j)
         if j >= 0 and candidates > 1 and learn:
             state, j = _hardest(
-                user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items, popularity,
-                state, u, j, k, candidates,
+                user_factors, item_factors, item_bias, pairs, slots, n_items, popularity,
+                state, u, first, buckets, j, k, candidates,
             )  # fmt: skip
         if j < 0:
             skipped += 1
         elif learn:
-            step_loss, right = _sgd_step(
+            step_likelihood, right = _sgd_step(
                 user_factors, item_factors, item_bias, u, i, j, lr, reg_user, reg_item, reg_bias
             )
-            loss += step_loss
+            likelihood *= step_likelihood
+            if likelihood < LIKELIHOOD_FLOOR:
+                likelihood /= LIKELIHOOD_FLOOR
+                rescaled += 1
             correct += right
         else:
             sink += _touch_rows(user_factors, item_factors, u, i, j)
+    loss = rescaled * -np.log(LIKELIHOOD_FLOOR) - np.log(likelihood)
     return state, loss if learn else np.float64(sink), correct, skipped
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def train_epochs(
-    user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items, popularity,
+    user_factors, item_factors, item_bias, pairs, slots, n_items, popularity,
     states, samples_per_epoch, learning_rates, reg_user, reg_item, reg_bias, candidates, learn,
     loss, correct, skipped,
 ):  # fmt: skip
@@ -339,7 +433,7 @@ def train_epochs(
         for e in range(n_epochs):
             lr = np.float32(learning_rates[e])
             state, chunk_loss, chunk_correct, chunk_skipped = _run_chunk(
-                user_factors, item_factors, item_bias, pairs, indptr, indices, words, shift, n_items,
+                user_factors, item_factors, item_bias, pairs, slots, n_items,
                 popularity, state, count, lr, reg_user, reg_item, reg_bias, candidates, learn,
             )  # fmt: skip
             loss[t, e] = chunk_loss

@@ -4,7 +4,7 @@ Quality comes from the negatives: drawn uniformly over the catalogue and verifie
 draws them in proportion to popularity, which on MovieLens costs most of its NDCG), and of two such
 candidates the one the model currently scores higher is used (dynamic negative sampling): on
 ml-latest-small, random-per-user, NDCG@10 0.317 -> 0.346 at the tuned defaults. Speed comes from the
-kernels in `_bpr_kernels` (Hogwild threads, pipelined prefetch, a bitset membership test).
+kernels in `_bpr_kernels` (Hogwild threads, pipelined prefetch, one-cache-line exact membership sets).
 
 Learning curves land in `history`: `epoch_loss` (mean -ln sigmoid(x_uij) of the sampled triples),
 `epoch_auc` (share of sampled triples ranked right before their update: a sampled training AUC,
@@ -58,30 +58,30 @@ def aligned_zeros(rows: int, cols: int) -> np.ndarray:
 
 
 class Sampler:
-    """What the kernels sample from, built once per fit: the pairs array and the membership table."""
+    """What the kernels sample from, built once per fit: the pair rows and the membership sets.
+
+    A pair row is (user, item, first membership bucket of the user, the user's bucket count): the one
+    load that gives a positive also says where to check the user's negatives.
+    """
 
     def __init__(self, seen: sp.csr_matrix, popularity: bool) -> None:
-        indptr = seen.indptr.astype(np.int64)
-        self.indices = seen.indices.astype(np.int32)
-        self.indptr = indptr
         self.n_items = seen.shape[1]
-        users = np.repeat(np.arange(seen.shape[0], dtype=np.int32), np.diff(indptr))
-        self.pairs = np.ascontiguousarray(np.column_stack([users, self.indices]))
-        self.words, self.shift = kernels.membership_table(indptr, self.indices, self.n_items)
+        self.pairs, self.slots, self.first, self.n_buckets = kernels.sampling_tables(
+            seen.indptr.astype(np.int64), seen.indices.astype(np.int32)
+        )
         self.popularity = popularity
 
     def is_seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """The sampler's own membership test, vectorised (for checks)."""
         return kernels.is_seen_many(
-            self.indptr, self.indices, self.words, self.shift, self.n_items,
-            np.asarray(users, np.int64), np.asarray(items, np.int64),
-        )  # fmt: skip
+            self.slots, self.first, self.n_buckets, np.asarray(users, np.int64), np.asarray(items, np.int64)
+        )
 
     def negatives(self, users: np.ndarray, seed: int) -> np.ndarray:
         """One verified negative per user, drawn as in training (-1: the user left no negative)."""
         state = kernels.thread_states(seed, 1)[0]
         return kernels.draw_negatives(
-            self.pairs, self.indptr, self.indices, self.words, self.shift, self.n_items, self.popularity,
+            self.pairs, self.slots, self.first, self.n_buckets, self.n_items, self.popularity,
             np.asarray(users, np.int64), state,
         )  # fmt: skip
 
@@ -93,12 +93,24 @@ class Sampler:
         loss, correct, skipped = np.zeros(shape), np.zeros(shape, np.int64), np.zeros(shape, np.int64)
         p = model.params
         kernels.train_epochs(
-            model.user_factors, model.item_factors, model.item_bias, self.pairs, self.indptr, self.indices,
-            self.words, self.shift, self.n_items, self.popularity, states, len(self.pairs),
-            learning_rates.astype(np.float32), p.reg_user, p.reg_item, p.reg_bias, p.negative_candidates, learn,
-            loss, correct, skipped,
+            model.user_factors, model.item_factors, model.item_bias, self.pairs, self.slots, self.n_items,
+            self.popularity, states, len(self.pairs), learning_rates.astype(np.float32), p.reg_user, p.reg_item,
+            p.reg_bias, p.negative_candidates, learn, loss, correct, skipped,
         )  # fmt: skip
         return loss, correct, skipped
+
+    def memory_pass(self, model: BPR, epochs: int, threads: int, seed: int) -> None:
+        """`epochs` epochs of the training loop without its arithmetic, on `threads` threads.
+
+        The same sampling, verification, prefetch and row loads as a one-candidate fit, no update: what
+        memory alone allows, the ceiling the BPR benchmark measures the kernel against.
+        """
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            self.epochs(model, kernels.thread_states(seed, threads), np.zeros(epochs, np.float32), learn=False)
+        finally:
+            numba.set_num_threads(previous)
 
 
 class BPR(FactorModel):

@@ -6,6 +6,8 @@ import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mfpipe.errors import MfpipeError
 from mfpipe.models.bpr import BPR, Sampler, aligned_zeros
@@ -64,15 +66,10 @@ def test_learns_planted_structure_better_than_popularity() -> None:
     assert bpr > pop + 0.05, (bpr, pop)
 
 
-@pytest.mark.parametrize(
-    ("shape", "per_user", "dense"),
-    [((40, 30), 9, True), ((300, 3000), 5, False)],
-    ids=["dense-bitset", "hashed-bitset"],
-)
-def test_membership_is_exact_and_negatives_are_never_seen(shape, per_user, dense) -> None:
+@pytest.mark.parametrize(("shape", "per_user"), [((40, 30), 9), ((300, 3000), 5), ((20, 400), 380)])
+def test_membership_is_exact_and_negatives_are_never_seen(shape, per_user) -> None:
     seen = random_seen(*shape, per_user)
     sampler = Sampler(seen, popularity=False)
-    assert (sampler.shift == 0) == dense
     users, items = np.divmod(np.arange(shape[0] * shape[1]), shape[1])
     np.testing.assert_array_equal(sampler.is_seen(users, items), seen.toarray().ravel() > 0)
     for popularity in (False, True):
@@ -81,6 +78,82 @@ def test_membership_is_exact_and_negatives_are_never_seen(shape, per_user, dense
         negatives = sampler.negatives(users, seed=1)
         assert (negatives >= 0).all()
         assert not seen[users, negatives].any()
+
+
+@st.composite
+def user_item_sets(draw) -> sp.csr_matrix:
+    """A CSR with sorted rows: empty users, users who saw a few items, users who saw (nearly) all."""
+    n_items = draw(st.integers(1, 300))
+    rows = draw(st.lists(st.sets(st.integers(0, n_items - 1), max_size=n_items), min_size=1, max_size=12))
+    if draw(st.booleans()):  # a heavy user: many overfull home buckets, probing and wrap-around
+        rows.append(set(range(0, n_items, draw(st.integers(1, 3)))))
+    indices = np.array([j for row in rows for j in sorted(row)], np.int32)
+    indptr = np.cumsum([0] + [len(row) for row in rows])
+    return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(rows), n_items))
+
+
+@settings(max_examples=150, deadline=None)
+@given(seen=user_item_sets())
+def test_membership_sets_agree_with_brute_force(seen) -> None:
+    sampler = Sampler(seen, popularity=False)
+    n_users, n_items = seen.shape
+    users, items = np.divmod(np.arange(n_users * n_items), n_items)
+    np.testing.assert_array_equal(sampler.is_seen(users, items), seen.toarray().ravel() > 0)
+    # Layout: one pair row per interaction, every set at most half full, buckets of one aligned line.
+    counts = np.diff(seen.indptr)
+    np.testing.assert_array_equal(sampler.pairs[:, 0], np.repeat(np.arange(n_users), counts))
+    np.testing.assert_array_equal(sampler.pairs[:, 1], seen.indices)
+    np.testing.assert_array_equal(
+        sampler.pairs[:, 2:], np.column_stack([sampler.first, sampler.n_buckets])[sampler.pairs[:, 0]]
+    )
+    assert (2 * counts <= 16 * sampler.n_buckets).all() and sampler.slots.ctypes.data % 64 == 0
+    assert np.count_nonzero(sampler.slots >= 0) == seen.nnz
+
+
+def test_membership_sets_probe_past_full_buckets_and_wrap_around() -> None:
+    """40 items that all hash to the last of the user's 5 buckets fill it and the first one (wrap-around):
+    lookups must probe past full buckets. The hash is the kernels' documented one (Fibonacci hashing,
+    multiply-shift onto the bucket count); if it changes, the full-bucket check below says so."""
+    n_items, n_buckets = 200_000, 5  # 40 items -> ceil(2 * 40 / 16) buckets
+    candidates = np.arange(n_items, dtype=np.uint64)
+    home = (((candidates * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) * np.uint64(n_buckets)) >> np.uint64(32)
+    indices = np.flatnonzero(home == n_buckets - 1)[:40].astype(np.int32)
+    seen = sp.csr_matrix((np.ones(40, np.float32), indices, [0, 40]), shape=(1, n_items))
+    sampler = Sampler(seen, popularity=False)
+    buckets = sampler.slots.reshape(-1, 16)
+    assert len(buckets) == n_buckets and (buckets[[n_buckets - 1, 0]] >= 0).all()
+    items = np.arange(n_items)
+    np.testing.assert_array_equal(sampler.is_seen(np.zeros(n_items, np.int64), items), np.isin(items, indices))
+    negatives = sampler.negatives(np.zeros(5000, np.int64), seed=2)
+    assert not np.isin(negatives, indices).any()
+
+
+def test_one_step_matches_the_bpr_update_and_its_loss() -> None:
+    """One user, one positive, one other item: the only triple is (0, 0, 1); one epoch is one step."""
+    data = make_interactions([0], [0], n_users=1, n_items=2)
+    params = {"learning_rate": 0.5, "reg_user": 0.1, "reg_item": 0.01, "reg_bias": 0.2, "init_std": 1.0}
+    model = BPR(seed=3, deterministic=True, epochs=1, negative_candidates=1, **params).fit(data)
+    start = BPR(seed=3, **params)
+    start.init_state(1, 2)
+    w, h, b = start.user_factors[0].astype(np.float64), start.item_factors.astype(np.float64), np.zeros(2)
+    x = w @ (h[0] - h[1])
+    z = 1 / (1 + np.exp(x))
+    lr = 0.5
+    np.testing.assert_allclose(model.user_factors[0], w + lr * (z * (h[0] - h[1]) - 0.1 * w), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.item_factors[0], h[0] + lr * (z * w - 0.01 * h[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.item_factors[1], h[1] + lr * (-z * w - 0.01 * h[1]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.item_bias, b + lr * (np.array([z, -z]) - 0.2 * b), rtol=1e-5, atol=1e-7)
+    assert model.history["epoch_loss"] == pytest.approx([np.log1p(np.exp(-x))], rel=1e-5)
+
+
+def test_epoch_loss_is_the_mean_negative_log_sigmoid_over_many_rescalings() -> None:
+    """Near-zero factors and no learning: every x_uij is ~0, so the loss is ln 2 per triple. 25k triples
+    drive the running product of sigmoids (2**-25000) through many rescalings."""
+    seen = random_seen(500, 400, 50, seed=4)
+    users, items = seen.nonzero()
+    data = make_interactions(users, items, n_users=500, n_items=400)
+    model = BPR(seed=1, deterministic=True, epochs=2, init_std=1e-6, learning_rate=1e-9).fit(data)
+    assert model.history["epoch_loss"] == pytest.approx([np.log(2)] * 2, rel=1e-5)
 
 
 def test_a_user_who_saw_everything_is_skipped_not_looped() -> None:
