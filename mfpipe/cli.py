@@ -409,22 +409,55 @@ def _registered_model(dataset: str | None, config: Path | None) -> tuple[Any, st
 @app.command()
 def recommend(
     user: Annotated[str, typer.Option("--user", help="External user id.")],
+    items: Annotated[
+        str | None, typer.Option("--items", help="Item ids since training (a,b,c): folded in and excluded.")
+    ] = None,
     k: Annotated[int, typer.Option("--k", help="How many items.")] = 10,
     dataset: DatasetOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
     config: ConfigFile = None,
 ) -> None:
-    """Top-k items for a user from the `champion` (popularity for a user it has never seen)."""
+    """Top-k items for a user from the `champion` (`--items` folded in; popularity for a user it never saw)."""
     import json
 
-    from mfpipe import serving, tracking
+    from mfpipe import serving
 
     store, name = _registered_model(dataset, config)
-    with tracking.tracking_errors(store):
-        frame = serving.recommend_for(serving.champion_uri(name), user, k)
+    new = None if items is None else [i.strip() for i in items.split(",") if i.strip()]
+    frame, source = serving.recommend_for(serving.champion_version_uri(store, name), user, k, new)
     if json_:
         rows = frame.drop(columns="user_id").to_dict(orient="records")
-        typer.echo(json.dumps({"user_id": user, "registered_model": name, "k": k, "items": rows}))
+        document = {"user_id": user, "registered_model": name, "k": k, "source": source, "items": rows}
+        typer.echo(json.dumps(document))
+        return
+    if source == "popularity":
+        typer.echo(f"popularity fallback: {name} has never seen user {user!r} (and no known --items)")
+    elif source == "fold-in":
+        typer.echo(f"fold-in: user {user!r} with {len(new or [])} new item(s)")
+    for row in frame.itertuples():
+        title = f"  {row.title}" if row.title else ""
+        typer.echo(f"{row.rank:>3}. {row.item_id}  {row.score:.4f}{title}")
+
+
+@app.command()
+def similar(
+    item: Annotated[str, typer.Option("--item", help="External item id.")],
+    k: Annotated[int, typer.Option("--k", help="How many items.")] = 10,
+    dataset: DatasetOpt = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    config: ConfigFile = None,
+) -> None:
+    """Nearest items to an item by cosine in the `champion`'s item factors (the item itself excluded)."""
+    import json
+
+    from mfpipe import serving
+
+    store, name = _registered_model(dataset, config)
+    uri = serving.champion_version_uri(store, name)
+    frame = serving.similar_items(serving.load_pyfunc(uri), uri, item, k)
+    if json_:
+        rows = frame.to_dict(orient="records")
+        typer.echo(json.dumps({"item_id": item, "registered_model": name, "k": k, "items": rows}))
         return
     for row in frame.itertuples():
         title = f"  {row.title}" if row.title else ""
@@ -475,15 +508,20 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 5001,
     config: ConfigFile = None,
 ) -> None:
-    """Serve the champion over HTTP (`mlflow models serve`, POST /invocations) on 127.0.0.1."""
-    import subprocess
+    """Serve the champion over HTTP on 127.0.0.1 (POST /invocations, MLflow's request and answer format).
 
-    from mfpipe import serving, tracking
+    The version is read from its `.npz` artifacts and answered by the installed code, never by running
+    what the registry holds; on a host without mfpipe, `mlflow models serve -m models:/NAME@champion` works.
+    """
+    from mfpipe import serving
 
     store, name = _registered_model(dataset, config)
-    with tracking.tracking_errors(store):
-        if tracking.alias_version(store, name, tracking.CHAMPION) is None:
-            raise MfpipeError(f"{name}: no champion to serve in {store.uri} (run `mfpipe run` first)")
-    typer.echo(f"Serving {serving.champion_uri(name)} on http://127.0.0.1:{port}/invocations (Ctrl-C stops)")
-    code = subprocess.call(serving.serve_command(serving.champion_uri(name), port), env=serving.serve_env(store.uri))
-    raise typer.Exit(code)
+    uri = serving.champion_version_uri(store, name)
+    server = serving.make_server(serving.load_recommendations(uri), port)
+    typer.echo(f"Serving {uri} on http://127.0.0.1:{port}/invocations (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,14 +1,31 @@
-"""The MLflow pyfunc every candidate is logged as: top-k items for external user ids.
+"""What a registered version is and how mfpipe logs, loads and serves it.
 
-A registered version holds two artifacts: the model's own `.npz` (learned arrays + train-seen items +
-popularity, no pickle) and `catalog.npz` (the external ids of the train index space, and titles when the
-data has them). Input: a DataFrame with `user_id` (strings) and optionally `k`. Output: one row per
-recommendation — `user_id, rank, item_id, score, title` — best first, train-seen items excluded, and the
-popularity fallback for users the model has never seen (so serving never fails on a new user).
+A version holds the model's own `.npz` (learned arrays + train-seen items + popularity, no pickle),
+`catalog.npz` (external ids of the train index space, titles when the data has them) and, as its code,
+`mfpipe/pyfunc_model.py` (MLflow models-from-code). That file needs only mlflow-skinny, numpy and
+pandas, so `mlflow.pyfunc.load_model` / `mlflow models serve` work on a host without mfpipe.
+
+mfpipe itself never executes or unpickles what the registry holds: `load_pyfunc` (champion re-scoring),
+`mfpipe recommend`, `similar` and `serve` download the version's artifacts and read the two `.npz` files
+with `allow_pickle=False`, answering with the installed copy of the same code. So whoever can write to
+the registry can change which arrays are served, never run code here.
+
+Input: a DataFrame with `user_id` (strings), optionally `k` per row and `items` (a list of item-id
+strings per row: interactions since training, folded into the user's vector and excluded from the
+answer); `params={"k": …}` sets k for rows without one. Output: one row per recommendation —
+`user_id, rank, item_id, score, title, source` — best first, `source` one of `model`, `fold-in`,
+`popularity` (a user the model never saw, with no known item to fold in).
 """
 
 from __future__ import annotations
 
+import http.server
+import json
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -17,15 +34,23 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from mfpipe.errors import MfpipeError
+from mfpipe import pyfunc_model
+from mfpipe.errors import MfpipeError, one_line
 from mfpipe.models import load as load_model
-from mfpipe.models.base import Recommender
+from mfpipe.models.base import FactorModel, Recommender
 
-DEFAULT_K = 10
-INPUT_SCHEMA = Schema([ColSpec("string", "user_id"), ColSpec("long", "k", required=False)])
+DEFAULT_K = pyfunc_model.DEFAULT_K
+INPUT_SCHEMA = Schema(
+    [
+        ColSpec("string", "user_id"),
+        ColSpec("long", "k", required=False),
+        ColSpec(Array(DataType.string), "items", required=False),
+    ]
+)
 OUTPUT_SCHEMA = Schema(
     [
         ColSpec("string", "user_id"),
@@ -33,11 +58,15 @@ OUTPUT_SCHEMA = Schema(
         ColSpec("string", "item_id"),
         ColSpec("double", "score"),
         ColSpec("string", "title", required=False),
+        ColSpec("string", "source"),
     ]
 )
-SIGNATURE = ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA)
-# What a serving environment needs besides mfpipe itself (only used by non-local env managers).
-REQUIREMENTS = ("mlflow", "numpy", "scipy", "pandas", "pydantic")
+SIGNATURE = ModelSignature(
+    inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA, params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)])
+)
+# Everything `pyfunc_model.py` imports (mlflow-skinny carries the pyfunc loader and the scoring server).
+REQUIREMENTS = ("mlflow-skinny", "numpy", "pandas")
+MODEL_CODE = Path(pyfunc_model.__file__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,48 +122,7 @@ def lookup_ids(known: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return np.where(hit, order[pos], -1).astype(np.int64)
 
 
-def recommend_frame(model: Recommender, catalog: Catalog, user_ids: list[str], k: int | list[int]) -> pd.DataFrame:
-    """Ranked recommendations as rows `user_id, rank, item_id, score, title` (seen items excluded)."""
-    users = np.asarray([str(u) for u in user_ids])
-    ks = np.broadcast_to(np.asarray(k, dtype=np.int64), users.shape)
-    if (ks < 1).any():
-        raise MfpipeError("k must be at least 1")
-    if len(users) == 0:
-        return pd.DataFrame({c.name: pd.Series(dtype=object) for c in OUTPUT_SCHEMA.inputs})
-    items, scores = model.recommend(catalog.user_index(users), int(ks.max()), exclude_seen=True)
-    rank = np.broadcast_to(np.arange(1, items.shape[1] + 1), items.shape)
-    keep = (items >= 0) & (rank <= ks[:, None])
-    rows, cols = np.nonzero(keep)
-    item_ids = catalog.item_ids[items[rows, cols]]
-    return pd.DataFrame(
-        {
-            "user_id": users[rows],
-            "rank": rank[rows, cols].astype(np.int64),
-            "item_id": item_ids,
-            "score": scores[rows, cols].astype(np.float64),
-            "title": pd.Series([catalog.titles.get(i) for i in item_ids.tolist()], dtype=object),  # None: no title
-        }
-    )
-
-
-class RecommenderModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper: loads our `.npz` model and catalogue, answers `recommend_frame`."""
-
-    def load_context(self, context: Any) -> None:
-        self.model = load_model(Path(context.artifacts["model"]))
-        self.catalog = Catalog.load(Path(context.artifacts["catalog"]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        frame = pd.DataFrame(model_input)
-        if "user_id" not in frame.columns:
-            raise MfpipeError("input needs a 'user_id' column")
-        if "k" in frame.columns:
-            k = frame["k"].fillna(DEFAULT_K).astype(np.int64).to_numpy()
-        else:
-            k = int((params or {}).get("k", DEFAULT_K))
-        return recommend_frame(self.model, self.catalog, frame["user_id"].astype(str).tolist(), k)
-
-
+# -- logging ---------------------------------------------------------------------------------------------
 def pip_requirements() -> list[str]:
     """Pinned requirements of the serving environment, from what is installed here."""
     return [f"{name}=={metadata.version(name)}" for name in REQUIREMENTS]
@@ -145,10 +133,10 @@ def input_example(catalog: Catalog) -> pd.DataFrame:
 
 
 def log_pyfunc(model_path: Path, catalog_path: Path, example: pd.DataFrame) -> Any:
-    """Log the candidate as a pyfunc in the active run (fast: pip requirements given, no inference)."""
+    """Log the candidate as a models-from-code pyfunc in the active run (pip requirements given: fast)."""
     return mlflow.pyfunc.log_model(
         name="model",
-        python_model=RecommenderModel(),
+        python_model=str(MODEL_CODE),
         artifacts={"model": str(model_path), "catalog": str(catalog_path)},
         signature=SIGNATURE,
         input_example=example,
@@ -162,41 +150,178 @@ def log_to_run(run_id: str, model_path: Path, catalog_path: Path, example: pd.Da
         return log_pyfunc(model_path, catalog_path, example).model_uri
 
 
-def load_pyfunc(model_uri: str) -> RecommenderModel:
-    """Load a registered candidate (e.g. `models:/mfpipe-x@champion`) and return our wrapper."""
+# -- loading (never by unpickling or running the version's code) ------------------------------------------
+@dataclass(frozen=True, eq=False)
+class RecommenderModel:
+    """A registered version read from its `.npz` artifacts: the model and its catalogue."""
+
+    model: Recommender
+    catalog: Catalog
+
+
+@contextmanager
+def _artifacts(model_uri: str) -> Iterator[tuple[Path, Path]]:
+    """The version's model and catalog `.npz`, downloaded into a folder removed afterwards.
+
+    Their paths come from the pyfunc flavour of the version's MLmodel (YAML, read safely) and must
+    stay inside the download.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="mfpipe-model-"))
     try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except mlflow.exceptions.MlflowException as exc:
-        raise MfpipeError(f"{model_uri}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder))).resolve()
+        flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+        paths = []
+        for key in ("model", "catalog"):
+            path = (root / flavor["artifacts"][key]["path"]).resolve()
+            if not path.is_relative_to(root) or not path.is_file():
+                raise ValueError(f"artifact '{key}' missing")
+            paths.append(path)
+        yield paths[0], paths[1]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def champion_uri(name: str) -> str:
-    return f"models:/{name}@champion"
+def _load(model_uri: str, read: Any) -> Any:
+    """`read(model_path, catalog_path)` on the version's artifacts; any failure is one MfpipeError line."""
+    try:
+        with _artifacts(model_uri) as (model_path, catalog_path):
+            return read(model_path, catalog_path)
+    except MfpipeError as exc:
+        raise MfpipeError(f"{model_uri}: cannot load the model ({exc})") from None
+    except (mlflow.exceptions.MlflowException, OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile,
+            yaml.YAMLError, json.JSONDecodeError) as exc:  # fmt: skip
+        raise MfpipeError(f"{model_uri}: cannot load the model ({one_line(exc)})") from None
 
 
-def recommend_for(model_uri: str, user: str, k: int) -> pd.DataFrame:
-    """Top-k for one user from a registered model (what `mfpipe recommend` prints)."""
+def load_pyfunc(model_uri: str) -> RecommenderModel:
+    """A registered version (e.g. `models:/mfpipe-x/3`) as our model and catalogue, from its `.npz` files."""
+    return _load(model_uri, lambda model, catalog: RecommenderModel(load_model(model), Catalog.load(catalog)))
+
+
+def load_recommendations(model_uri: str) -> pyfunc_model.Recommendations:
+    """A registered version as the logged pyfunc answers it, built from its `.npz` files by the installed code."""
+    return _load(model_uri, pyfunc_model.Recommendations.load)
+
+
+def champion_version_uri(store: Any, name: str) -> str:
+    """`models:/NAME/N` of the current champion: a pinned version names itself in every error."""
+    from mfpipe import tracking
+
+    with tracking.tracking_errors(store):
+        champion = tracking.alias_version(store, name, tracking.CHAMPION)
+    if champion is None:
+        raise MfpipeError(f"{name}: no champion yet in {store.uri} (run `mfpipe run` first)")
+    return f"models:/{name}/{champion.version}"
+
+
+def recommend_for(model_uri: str, user: str, k: int, items: list[str] | None = None) -> tuple[pd.DataFrame, str]:
+    """Top-k for one user with `items` folded in, and its `source` (what `mfpipe recommend` prints)."""
     if k < 1:
         raise MfpipeError(f"--k {k}: must be at least 1")
-    return load_pyfunc(model_uri).predict(None, pd.DataFrame({"user_id": [str(user)], "k": [k]}))
+    frame = pd.DataFrame({"user_id": [str(user)], "k": [k]})
+    if items is not None:
+        frame["items"] = [items]
+    recommendations = load_recommendations(model_uri)
+    return recommendations.frame(frame), recommendations.source(user, items)
 
 
-def serve_env(tracking_uri: str) -> dict[str, str]:
-    """Environment of `mlflow models serve`: our store, and this venv's scripts (uvicorn) first on PATH."""
-    import os
-    import sys
+def similar_items(loaded: RecommenderModel, model_uri: str, item_id: str, k: int) -> pd.DataFrame:
+    """The k nearest items by cosine of the item factors, the item itself excluded: rank, item_id, score, title."""
+    if k < 1:
+        raise MfpipeError(f"--k {k}: must be at least 1")
+    model, catalog = loaded.model, loaded.catalog
+    if not isinstance(model, FactorModel):
+        raise MfpipeError(f"{model_uri}: a '{model.name}' model has no item factors to compare (svd, als, bpr have)")
+    index = int(catalog.item_index(np.array([item_id]))[0])
+    if index < 0:
+        raise MfpipeError(f"item '{item_id}' is not in the catalogue of {model_uri}")
+    factors = np.asarray(model.item_factors, np.float64)
+    norms = np.linalg.norm(factors, axis=1)
+    cosine = (factors @ factors[index]) / np.maximum(norms * norms[index], np.finfo(np.float64).tiny)
+    cosine[index] = -np.inf
+    top, scores = pyfunc_model.top_k(cosine[None, :].astype(np.float32), k, np.arange(min(k + 1, len(cosine))))
+    keep = top[0] >= 0
+    ids = catalog.item_ids[top[0][keep]].astype(str)
+    return pd.DataFrame({
+        "rank": np.arange(1, keep.sum() + 1), "item_id": ids, "score": scores[0][keep].astype(np.float64),
+        "title": [catalog.titles.get(i) for i in ids.tolist()],
+    })  # fmt: skip
 
-    scripts = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+
+# -- HTTP ------------------------------------------------------------------------------------------------
+def request_columns(body: bytes) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """An MLflow scoring-server JSON body (`dataframe_records`, `dataframe_split` or `inputs`) as input
+    columns, and its params; built without pandas, which costs more than the answer for one user."""
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"body is not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ValueError("body must be a JSON object")
+    params = document.get("params") or {}
+    if not isinstance(params, dict):
+        raise ValueError("'params' must be an object")
+    if "dataframe_split" in document:
+        split = document["dataframe_split"]
+        names, rows = split.get("columns", []), split.get("data", [])
+        return {name: [row[i] for row in rows] for i, name in enumerate(names)}, params
+    records = document.get("dataframe_records", document.get("inputs"))
+    if isinstance(records, dict):  # `inputs` as columns
+        return {name: list(values) for name, values in records.items()}, params
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError("body needs 'dataframe_records' (a list of objects), 'dataframe_split' or 'inputs'")
+    names = {name for record in records for name in record}
+    return {name: [record.get(name) for record in records] for name in names}, params
 
 
-def serve_command(model_uri: str, port: int) -> list[str]:
-    """`mlflow models serve` for the model in this environment, bound to 127.0.0.1."""
-    import sys
+def answer(recommendations: pyfunc_model.Recommendations, body: bytes) -> bytes:
+    """The `/invocations` answer, `{"predictions": [rows]}` as MLflow's scoring server writes it."""
+    columns = recommendations.columns(*pyfunc_model.parse_inputs(*request_columns(body)))
+    names = pyfunc_model.OUTPUT_COLUMNS
+    rows = zip(*(columns[n].tolist() for n in names), strict=True)
+    return json.dumps({"predictions": [dict(zip(names, row, strict=True)) for row in rows]}).encode()
 
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """`POST /invocations`, `GET /ping` and `/health`; keep-alive (HTTP/1.1), no access log per request."""
+
+    protocol_version = "HTTP/1.1"
+    recommendations: pyfunc_model.Recommendations
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path in ("/ping", "/health"):
+            self._send(200, b"{}")
+        else:
+            self._send(404, b'{"error_code": "NOT_FOUND"}')
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path != "/invocations":
+            self._send(404, b'{"error_code": "NOT_FOUND"}')
+            return
+        try:
+            self._send(200, answer(self.recommendations, body))
+        except (ValueError, TypeError, KeyError) as exc:
+            message = {"error_code": "BAD_REQUEST", "message": one_line(exc)}
+            self._send(400, json.dumps(message).encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: a line per request costs more than the answer under load."""
+
+
+def make_server(recommendations: pyfunc_model.Recommendations, port: int, host: str = "127.0.0.1") -> Any:
+    """A threading HTTP server answering `/invocations` for one loaded version (not started)."""
+    handler = type("Handler", (_Handler,), {"recommendations": recommendations})
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        raise MfpipeError(f"{host}:{port}: cannot listen ({one_line(exc)})") from None
+    server.daemon_threads = True
+    return server

@@ -147,6 +147,24 @@ class Recommender(ABC):
         # Unknown users (index -1 here) have no history to exclude.
         return top_k_excluding(scores, k, np.where(known, users, -1), self.seen if exclude_seen else None)
 
+    def scorer(self) -> Any:
+        """This fitted model as the served code sees it (`pyfunc_model.Scorer`: numpy scoring and fold-in).
+
+        Fold-in is defined once, there, because a registered version must answer it without mfpipe.
+        """
+        from mfpipe.pyfunc_model import Scorer
+
+        seen = self._fitted_seen()
+        if not seen.has_sorted_indices:
+            seen = seen.sorted_indices()
+        return Scorer(self.name, self.params.model_dump(), self._state(), seen.indptr.astype(np.int64),
+                      seen.indices.astype(np.int32), np.asarray(self.popularity, np.float32))  # fmt: skip
+
+    def fold_in(self, user: int, items: np.ndarray) -> np.ndarray | None:
+        """A user vector recomputed on the frozen item factors from `user`'s train history (-1: a user the model
+        never saw) plus `items` (train item indices); None for a model without user vectors (popularity)."""
+        return self.scorer().fold_in(int(user), np.asarray(items, np.int64))
+
     def save(self, path: Path) -> Path:
         """Persist params and state as one .npz (no pickle)."""
         path = Path(path)
