@@ -29,7 +29,11 @@ class _UserErrorOnce(logging.Filter):
 
 
 def console_logs_to_stdout() -> None:
-    """Prefect's console logs go to stdout beside the leaderboard; stderr is left to errors of mfpipe."""
+    """Prefect's console logs go to stdout beside the leaderboard; stderr is left to errors of mfpipe.
+
+    The handlers are bound to `sys.stdout` as it is now: `mfpipe run --json`, whose stdout is the report
+    alone, calls this with `sys.stdout` pointed at stderr, so there the logs go to stderr.
+    """
     from prefect.logging.configuration import setup_logging
     from prefect.logging.handlers import PrefectConsoleHandler
 

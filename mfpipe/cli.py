@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -32,13 +32,15 @@ class TaskRunner(StrEnum):
     dask = "dask"
 
 
+# Help is plain text (rich_markup_mode=None): help strings are never parsed as rich markup, which would
+# swallow words in square brackets such as "[synthetic:100k]". Typer's completion options stay on.
 app = typer.Typer(
     name="mfpipe",
     help="Retraining pipeline for matrix-factorization recommenders.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    rich_markup_mode=None,
 )
+
 
 # -- options several commands share, each declared once -------------------------------------------------
 @dataclass(frozen=True)
@@ -91,7 +93,9 @@ split_options = OptionGroup("split", {
 })  # fmt: skip
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="TOML config file.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed of the split and the models (default 42).")]
-DataArg = Annotated[str, typer.Argument(help="A file or folder, a source name (ml-100k, ...) or synthetic[:N].")]
+DataArg = Annotated[
+    str, typer.Argument(metavar="DATA", help="A file or folder, a source name (ml-100k, ...) or synthetic[:N].")
+]
 DatasetOpt = Annotated[
     str | None, typer.Option("--dataset", help="Dataset name of the registered model (default: the default data's).")
 ]
@@ -99,10 +103,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 
 def _console() -> Any:
-    """A rich console on stdout; off a terminal it is wide, so tables keep their columns in pipes and logs."""
+    """A rich console on stdout. Off a terminal (pipes, logs, CI) rich would assume 80 columns and squeeze
+    the wider tables; there it is 200 wide, and plain lines are not wrapped, so each stays greppable."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 200)
+    terminal = sys.stdout.isatty()
+    return Console(width=None if terminal else 200, soft_wrap=not terminal)
 
 
 def _version(value: bool) -> None:
@@ -111,25 +117,46 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(invoke_without_command=True)
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
     """Retraining pipeline for matrix-factorization recommenders."""
+    if ctx.invoked_subcommand is None:  # bare `mfpipe`: a usage error whose useful answer is the help
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
 
 
-def main() -> None:
-    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every user error is one line `mfpipe: error: ...` on stderr, never a traceback.
+
+    Click runs outside its standalone mode so that its usage errors come back as exceptions (standalone,
+    it prints them as a multi-line block) and are said like a MfpipeError. Exit 2: bad input or usage;
+    1: a run that failed; 130: interrupted.
+    """
     try:
-        app()
+        code = app(args=argv, prog_name="mfpipe", standalone_mode=False)
+    except typer.TyperException as exc:  # Click's errors: usage (exit 2), files and the like (exit 1)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(f"{exc.format_message()}{hint}", exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
     except MfpipeError as exc:
-        typer.echo(f"mfpipe: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:  # raised outside a command (Click turns one inside into exit code 130)
+        code = 130
+    if code == 130:
         typer.echo("mfpipe: interrupted", err=True)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, exit_code: int) -> NoReturn:
+    typer.echo(f"mfpipe: error: {' '.join(message.split())}", err=True)
+    sys.exit(exit_code)
 
 
 # -- evaluate --
@@ -174,22 +201,26 @@ def validate(
 
 
 def _print_check(check: Any, written: dict[str, Path]) -> None:
+    """The GX table, the split, what was written and the verdict (messages escaped: never read as markup)."""
+    from rich.markup import escape
 
     console = _console()
     console.print(check.report.table())
     if check.split is not None:
         _print_split(check.split, console)
     else:
-        console.print(f"[red]split not feasible:[/] {check.split_error}")
+        console.print(f"[red]split not feasible:[/] {escape(str(check.split_error))}")
     for name, path in written.items():
-        console.print(f"wrote {name}: {path}")
+        console.print(f"wrote {name}: {path}", markup=False)
     console.print("[green]OK: mfpipe run would accept this data[/]" if check.ok else "[red]NOT OK[/]")
 
 
 def _print_split(summary: Any, console: Any) -> None:
+    from rich.markup import escape
+
     console.print(summary.table())
     for warning in summary.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 # -- split --
@@ -215,7 +246,7 @@ def split_command(
     write_split(parts, out)
     console = _console()
     _print_split(parts.summary, console)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}", markup=False)
 
 
 # -- deploy --
@@ -227,7 +258,9 @@ def deploy(
         str | None,
         typer.Option("--work-pool", help="Register to this process work pool (e.g. mfpipe) instead of serving here."),
     ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Data of the scheduled runs [synthetic:100k].")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Data of the scheduled runs (default synthetic:100k).")
+    ] = None,
     models: Annotated[str | None, typer.Option("--models", help="Comma-separated: svd,als,bpr,pop.")] = None,
     skip_unchanged: Annotated[
         bool, typer.Option("--skip-unchanged", help="Skip a run when the data digest equals the last run's.")
@@ -294,6 +327,7 @@ def bench(
     json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the results as JSON here.")] = None,
 ) -> None:
     """Benchmarks against the peer libraries: ratio per case (ours vs peer, same run), target and pass."""
+    from rich.markup import escape
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -311,10 +345,10 @@ def bench(
         table.add_row(r.benchmark, r.case, f"{r.ours:.4g}", f"{r.peer:.4g}", r.unit, f"{r.ratio:.2f}x", target, passed)
     console.print(table)
     for name, error in result.errors.items():
-        console.print(f"[red]{name} failed:[/] {error}")
+        console.print(f"[red]{name} failed:[/] {escape(error)}")
     if json_report is not None:
         runner.write_report(result, json_report)
-        console.print(f"wrote {json_report}")
+        console.print(f"wrote {json_report}", markup=False)
     if result.errors:
         raise MfpipeError(f"benchmark(s) failed: {', '.join(result.errors)}", exit_code=1)
 
@@ -337,8 +371,12 @@ def run(
     task_runner: Annotated[TaskRunner | None, typer.Option("--task-runner", help="Where models train.")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Dask scheduler, tcp://host:port.")] = None,
     json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the run report (JSON) here.")] = None,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the run report (JSON) on stdout only; the run's logs go to stderr.")
+    ] = False,
 ) -> None:
     """Run the retraining flow: validate, split, train all models in parallel, register, promote `champion`."""
+    import contextlib
     import json
 
     from mfpipe.config import load_config
@@ -350,16 +388,40 @@ def run(
             "task_runner": task_runner.value if task_runner else None, "data_options": data_options, "split": split,
         },
     )  # fmt: skip
+    _check_data_source(cfg)
     from flows.retrain import run as run_flow
 
-    outcome = run_flow(cfg)
+    # With --json, stdout is the report alone: whatever the run prints (Prefect's console logs are bound
+    # to sys.stdout as it is when the flow starts) goes to stderr meanwhile.
+    with contextlib.redirect_stdout(sys.stderr) if json_ else contextlib.nullcontext():
+        outcome = run_flow(cfg)
     if json_report is not None:
         json_report.parent.mkdir(parents=True, exist_ok=True)
         json_report.write_text(json.dumps(outcome.report, indent=2))
+    if json_:
+        typer.echo(json.dumps(outcome.report))
+        return
     _print_outcome(outcome, cfg.k, json_report)
 
 
+def _check_data_source(cfg: Any) -> None:
+    """Fail on a data spec that names nothing before the flow starts Prefect's API (that takes seconds).
+
+    An existing path, a MovieLens source name and `synthetic[:N]` pass unread (the flow reads them once).
+    Any other spec goes to the data layer's own reader, which reads nothing for a spec it cannot resolve
+    and raises its one-line error (`missing.csv: file not found`), so its rules and words stay in one place.
+    """
+    from mfpipe.data import read_frame, synthetic_size
+    from mfpipe.data.movielens import PINNED_MD5
+
+    spec = cfg.data
+    if Path(spec).expanduser().exists() or spec in PINNED_MD5 or synthetic_size(spec) is not None:
+        return
+    read_frame(spec, cfg.data_options, cfg.data_home, cfg.seed)
+
+
 def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
@@ -371,14 +433,14 @@ def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
     table = Table("model", *headers, "train s", "version", "status", title=title)
     for m in sorted(report["models"], key=lambda m: -(m["metrics"].get(f"ndcg@{k}") or -1.0)):
         values = [f"{m['metrics'][name]:.4f}" if m["metrics"].get(name) is not None else "-" for name in metrics]
-        status = "[green]ok[/]" if m["status"] == "ok" else f"[red]failed[/]: {m['error']}"
+        status = "[green]ok[/]" if m["status"] == "ok" else f"[red]failed[/]: {escape(m['error'])}"
         seconds = "-" if m["train_seconds"] is None else f"{m['train_seconds']:.1f}"
         marker = " *" if m["version"] is not None and m["version"] == champion["after"]["version"] else ""
         table.add_row(m["model"] + marker, *values, seconds, m["version"] or "-", status)
     console.print(table)
     verdict = "[green]promoted[/]" if champion["promoted"] else "kept"
     console.print(f"champion of {champion['registered_model']}: v{champion['after']['version']} ({verdict})")
-    console.print(f"  {champion['reason']}")
+    console.print(f"  {champion['reason']}", markup=False)
     console.print(
         f"training: {outcome.train_wall_seconds:.1f} s wall for {outcome.train_sum_seconds:.1f} s of model fitting"
     )
@@ -387,8 +449,8 @@ def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
     if outcome.test_ndcg is not None:
         console.print(f"champion on the test slice: ndcg@{k} {outcome.test_ndcg:.4f}")
     if json_report is not None:
-        console.print(f"report: {json_report}")
-    console.print(f"MLflow run: {outcome.parent_run_link}  (UI: {outcome.ui_command})")
+        console.print(f"report: {json_report}", markup=False)
+    console.print(f"MLflow run: {outcome.parent_run_link}  (UI: {outcome.ui_command})", markup=False)
 
 
 # -- recommend --
@@ -466,8 +528,10 @@ def similar(
 
 # -- champion --
 @app.command()
-def champion(dataset: DatasetOpt = None, config: ConfigFile = None) -> None:
+def champion(dataset: DatasetOpt = None, json_: JsonOpt = False, config: ConfigFile = None) -> None:
     """Show the `champion` (and `challenger`) of a dataset's registered model with their lineage."""
+    import json
+
     from mfpipe import tracking
 
     store, name = _registered_model(dataset, config)
@@ -475,11 +539,34 @@ def champion(dataset: DatasetOpt = None, config: ConfigFile = None) -> None:
         shown = {a: tracking.alias_version(store, name, a) for a in (tracking.CHAMPION, tracking.CHALLENGER)}
     if shown[tracking.CHAMPION] is None:
         raise MfpipeError(f"{name}: no champion yet in {store.uri} (run `mfpipe run` first)")
+    if json_:
+        typer.echo(json.dumps({"registered_model": name, **{a: _version_json(v) for a, v in shown.items()}}))
+        return
     for alias, version in shown.items():
         if version is not None:
             typer.echo(f"{alias}: {name} v{version.version} (run {version.run_id})")
             for key, value in sorted(version.tags.items()):
                 typer.echo(f"  {key}: {value}")
+
+
+def _version_json(version: Any) -> dict[str, Any] | None:
+    """A registered version for `champion --json`: its ids, model, warm-user metrics and every tag.
+
+    Versions carry their metrics as tags under MLflow keys (`ndcg_at_10`, variants `_all`/`_cold`);
+    `metrics` holds the warm-user ones (the promotion's) as numbers under the names the run report uses
+    (`ndcg@10`); `tags` keeps every tag verbatim (strings), variants and lineage included.
+    """
+    import re
+
+    from mfpipe.evaluation import METRICS, display_name
+
+    if version is None:
+        return None
+    warm = re.compile(rf"^(?P<name>{'|'.join(METRICS)})_at_(?P<k>\d+)$")
+    metrics = {display_name(m["name"], int(m["k"])): float(value)
+               for key, value in sorted(version.tags.items()) if (m := warm.match(key))}  # fmt: skip
+    return {"version": version.version, "run_id": version.run_id, "model": version.tags.get("model"),
+            "metrics": metrics, "tags": dict(sorted(version.tags.items()))}  # fmt: skip
 
 
 # -- promote --
@@ -489,15 +576,22 @@ def promote(
     rollback: Annotated[bool, typer.Option("--rollback", help="Back to the previous champion.")] = False,
     reason: Annotated[str, typer.Option("--reason", help="Why (recorded on the version).")] = "",
     dataset: DatasetOpt = None,
+    json_: JsonOpt = False,
     config: ConfigFile = None,
 ) -> None:
     """Move `champion` by hand (`--version N` or `--rollback`); the reason is recorded."""
+    import json
+
     from mfpipe.promotion import set_champion_by_hand
 
     if (version is None) == (not rollback):
         raise MfpipeError("give exactly one of --version N or --rollback")
     store, name = _registered_model(dataset, config)
     decision = set_champion_by_hand(store, name, version, reason, rollback=rollback)
+    if json_:
+        moved = {"before": {"version": decision.before_version}, "after": {"version": decision.after_version}}
+        typer.echo(json.dumps({"registered_model": name, **moved, "reason": decision.reason}))
+        return
     typer.echo(f"champion of {name}: v{decision.before_version} -> v{decision.after_version} ({decision.reason})")
 
 

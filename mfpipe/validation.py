@@ -1,9 +1,9 @@
 """Great Expectations validation of the canonical interactions frame.
 
-The suites live as JSON in `expectations/` (versioned with the code): `interactions.json` always,
-`ratings.json` when the frame has a rating column. Each expectation carries GX's own `severity`:
-`critical` fails a run, `warning` and `info` are reported. Thresholds that depend on the run (rating
-scale, "now + 1 day", minimum sizes) are GX suite parameters, filled in per validation.
+The suites live as JSON in `expectations/` (versioned with the code, package data in the wheel):
+`interactions.json` always, `ratings.json` when the frame has a rating column. Each expectation carries
+GX's own `severity`: `critical` fails a run, `warning` and `info` are reported. Thresholds that depend on
+the run (rating scale, "now + 1 day", minimum sizes) are GX suite parameters, filled in per validation.
 
 GX takes ~6 s to import, so it is imported lazily; one ephemeral context per process is built on first
 use and reused, and a validation is one batch over the in-memory frame (~0.5 s at 1M rows).
@@ -29,7 +29,17 @@ from mfpipe.split import MIN_INTERACTIONS, MIN_ITEMS, MIN_USERS
 if TYPE_CHECKING:
     import rich.table
 
-EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
+
+def _expectations_dir() -> Path:
+    """The suites' folder: `mfpipe/expectations/` in an installed wheel (package data that pyproject.toml
+    maps from the repository's top-level `expectations/`), that top-level folder itself in a source
+    checkout or an editable install, which import mfpipe from the tree."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "expectations"
+    return packaged if packaged.is_dir() else here.parent / "expectations"
+
+
+EXPECTATIONS_DIR = _expectations_dir()
 CORE_SUITE = "interactions"
 RATINGS_SUITE = "ratings"
 FUTURE_SLACK_SECONDS = 86_400  # timestamps later than now + 1 day are errors (Contracts)
