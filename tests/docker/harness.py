@@ -144,12 +144,17 @@ def image_workdir() -> str:
     return [args for op, args in runtime_stage(DOCKERFILE.read_text()) if op == "WORKDIR"][-1]
 
 
+def is_secret(name: str) -> bool:
+    """The stack's secrets by name (passwords, keys, the Prefect auth string): none may have a default."""
+    return re.search(r"PASSWORD|SECRET|AUTH_STRING", name) is not None
+
+
 def test_env_file(directory: Path, **settings: str) -> Path:
     """`docker/.env.example` with every empty (required) secret filled with a random one, plus `settings`."""
     values = read_env_file(ENV_EXAMPLE)
     user = values.get("MLFLOW_TRACKING_USERNAME") or "mfpipe"
     for key, value in values.items():
-        if not value:  # the auth string is `user:password`, every other secret a password
+        if is_secret(key) and not value:  # the auth string is `user:password`, every other secret a password
             secret = secrets.token_urlsafe(24)
             values[key] = f"{user}:{secret}" if key == "PREFECT_API_AUTH_STRING" else secret
     values.update(settings)

@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -139,6 +138,18 @@ def _drain_prefect_clients() -> None:
     EventsWorker.drain_all(timeout=10)
 
 
-def test_the_env_file_of_the_test_is_private_like_docker_env(stack: harness.Stack) -> None:
-    env_file = Path(stack.workdir) / ".env"
-    assert env_file.stat().st_mode & 0o077 == 0
+def test_no_secret_reaches_a_log_or_the_deployment(stack: harness.Stack) -> None:
+    """After the run: the servers' and the worker's output, and what the deployment stores, hold no secret."""
+    from prefect import get_client
+    from prefect.settings import temporary_settings
+
+    secrets = [value for key, value in stack.env.items() if harness.is_secret(key)]
+    assert len(secrets) == 4
+    with temporary_settings(_prefect(stack)), get_client(sync_client=True) as client:
+        stored = json.dumps(client.read_deployment_by_name("retrain/scheduled").model_dump(mode="json"))
+    outputs = {path.name: path.read_text(errors="replace") for path in (stack.workdir / "logs").glob("*.log")}
+    assert set(outputs) == {"prefect-server.log", "mlflow-server.log", "worker.log"}
+    for secret in secrets:
+        assert secret not in stored
+        for name, text in outputs.items():
+            assert secret.split(":")[-1] not in text, f"a secret in {name}"
