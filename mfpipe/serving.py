@@ -283,9 +283,15 @@ def answer(recommendations: pyfunc_model.Recommendations, body: bytes) -> bytes:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """`POST /invocations`, `GET /ping` and `/health`; keep-alive (HTTP/1.1), no access log per request."""
+    """`POST /invocations`, `GET /ping` and `/health`; keep-alive (HTTP/1.1), no access log per request.
+
+    An answer leaves in one buffered write with Nagle's algorithm off: written as headers then body, the
+    body waited for the client's delayed ACK, ~40 ms per request (measured: p50 44 ms, one client).
+    """
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    wbufsize = 1 << 16  # flushed by the base class after each request
     recommendations: pyfunc_model.Recommendations
 
     def _send(self, status: int, body: bytes) -> None:

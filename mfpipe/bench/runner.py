@@ -23,7 +23,9 @@ from typing import Any
 from mfpipe.bench import BENCHMARKS, BenchResult
 from mfpipe.errors import MfpipeError
 
-MODULES = ("mfpipe.bench.bpr", "mfpipe.bench.evaluation", "mfpipe.bench.svd", "mfpipe.bench.fit")
+MODULES = (
+    "mfpipe.bench.bpr", "mfpipe.bench.evaluation", "mfpipe.bench.svd", "mfpipe.bench.fit", "mfpipe.bench.serving",
+)  # fmt: skip
 
 
 def registered() -> dict[str, Callable[..., list[BenchResult]]]:
