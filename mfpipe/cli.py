@@ -453,6 +453,40 @@ def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:
     console.print(f"MLflow run: {outcome.parent_run_link}  (UI: {outcome.ui_command})", markup=False)
 
 
+# -- prune --
+@app.command()
+def prune(
+    keep: Annotated[int, typer.Option("--keep", help="How many of the newest versions stay (at least 1).")],
+    yes: Annotated[bool, typer.Option("--yes", help="Delete; without it, only list what would be deleted.")] = False,
+    dataset: DatasetOpt = None,
+    json_: JsonOpt = False,
+    config: ConfigFile = None,
+) -> None:
+    """Delete registered versions beyond the N newest, with their model files; never one an alias points at."""
+    import json
+
+    from mfpipe import retention
+
+    store, name = _registered_model(dataset, config)
+    result = retention.prune(store, name, keep, apply=yes)
+    if json_:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    typer.echo(f"{name}: keeping the {keep} newest: {', '.join(f'v{v}' for v in result.kept) or 'none'}")
+    for version, why in result.spared.items():
+        typer.echo(f"  kept v{version}: {why}")
+    verb = "deleted" if yes else "would delete"
+    for v in result.versions:
+        files = v.artifacts or "its files stay (a version that stays shares them)"
+        typer.echo(f"  {verb} v{v.version} ({v.model or 'model ?'}, run {v.run_id}): {files}")
+    if not result.versions:
+        typer.echo("nothing to delete")
+    elif yes:
+        typer.echo(f"deleted {len(result.versions)} version(s) and their model files")
+    else:
+        typer.echo(f"dry run, nothing deleted: add --yes to delete these {len(result.versions)} version(s)")
+
+
 # -- recommend --
 def _registered_model(dataset: str | None, config: Path | None) -> tuple[Any, str]:
     """The store and the registered model name for `--dataset` (default: the default data's name)."""
