@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from mfpipe.config import Config
-from mfpipe.errors import MfpipeError
+from mfpipe.errors import MfpipeError, is_transient, one_line
 from mfpipe.lineage import stable_hash
+
+#: How long a run waits for another run's promotion of the same model before it fails.
+PROMOTION_WAIT_SECONDS = 1800
 
 
 class _UserErrorOnce(logging.Filter):
@@ -49,13 +56,25 @@ def console_logs_to_stdout() -> None:
 
 
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry network and file-system hiccups, never a user error (bad file, bad config)."""
-    exc = state.result(raise_on_failure=False)
-    while exc is not None:
-        if isinstance(exc, OSError | ConnectionError | TimeoutError):
-            return True
-        exc = exc.__cause__
-    return False
+    """Retry network and server hiccups (TransientError, OS errors), never a user error (bad file, bad config)."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+#: Options of the tasks that talk to the tracking store: retried on connection failures only.
+STORE_TASK: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": retry_on_io,
+                              "cache_policy": NO_CACHE}  # fmt: skip
+
+
+def gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Results of named futures, and one line per failure (logged as a warning)."""
+    done, failed = {}, {}
+    for name, future in futures.items():
+        try:
+            done[name] = future.result()
+        except Exception as exc:  # a failing model must not stop the others
+            failed[name] = one_line(exc)
+            get_run_logger().warning(f"{name} failed and is left out of promotion: {failed[name]}")
+    return done, failed
 
 
 def cache_key(stage: str, *sections: str) -> Any:
@@ -83,3 +102,25 @@ def task_runner(config: Config, n_tasks: int) -> Any:
         return DaskTaskRunner(address=config.dask_address)
     local = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}  # never listen beyond this machine
     return DaskTaskRunner(cluster_kwargs={"n_workers": min(n_tasks, config.threads), "threads_per_worker": 1, **local})
+
+
+@contextmanager
+def promotion_slot(registered_model: str) -> Iterator[None]:
+    """One promotion of `registered_model` at a time across hosts: a Prefect global concurrency limit.
+
+    Only with a Prefect server (PREFECT_API_URL): the ephemeral API lives in this process, where the
+    library's file lock already serialises promotions on this host.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        yield
+        return
+    from prefect import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = f"mfpipe-promote-{registered_model}"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    with concurrency(name, occupy=1, timeout_seconds=PROMOTION_WAIT_SECONDS, strict=True):
+        yield

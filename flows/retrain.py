@@ -54,12 +54,14 @@ def split(frame: pd.DataFrame, config: Config, key: str) -> tuple[Interactions, 
     return data, parts
 
 
-@task(name="check for new data", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(name="check the tracking store", **_plumbing.STORE_TASK)
+def probe_store(config: Config) -> None:
+    tracking.probe(tracking.open_store(config.tracking_uri))
+
+
+@task(name="check for new data", **_plumbing.STORE_TASK)
 def unchanged(config: Config, data: Interactions) -> bool:
-    """True when the last finished run of this dataset saw the same digest (`skip_unchanged`)."""
-    store = tracking.open_store(config.tracking_uri)
-    with tracking.tracking_errors(store):
-        return tracking.last_run_digest(store, data.name) == data.digest
+    return recording.unchanged_since_last_run(config, data)
 
 
 @task(name="train", task_run_name="train {name}", cache_policy=NO_CACHE)
@@ -74,7 +76,7 @@ def evaluate(trained: training.Trained, split: Split, config: Config) -> Evaluat
     return evaluate_model(trained.model, split, config.k, seed=config.seed)
 
 
-@task(name="open MLflow run", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(name="open MLflow run", **_plumbing.STORE_TASK)
 def open_run(config: Config, data: Interactions, split: Split, validated: prepare.Validated) -> RunContext:
     ctx = recording.open_run(config, data, flow_run.id, flow_run.ui_url)
     recording.record_validation(ctx, validated)
@@ -82,7 +84,7 @@ def open_run(config: Config, data: Interactions, split: Split, validated: prepar
     return ctx
 
 
-@task(name="record model", task_run_name="record {result.model}", retries=1, cache_policy=NO_CACHE)
+@task(name="record model", task_run_name="record {result.model}", **_plumbing.STORE_TASK)
 def record(ctx: RunContext, result: ModelResult, trained: training.Trained | None, split: Split, config: Config
            ) -> ModelResult:  # fmt: skip
     recording.record_model(ctx, result, trained, split, config)
@@ -94,7 +96,8 @@ def record(ctx: RunContext, result: ModelResult, trained: training.Trained | Non
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> Decision:
-    decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config)
+    with _plumbing.promotion_slot(ctx.registered_model):
+        decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config)
     recording.record_decision(ctx, decision)
     get_run_logger().info(f"Promotion: {decision.reason}")
     return decision
@@ -110,7 +113,7 @@ def score_test(ctx: RunContext, decision: Decision, trained: dict[str, training.
     return value
 
 
-@task(name="publish", retries=1, cache_policy=NO_CACHE)
+@task(name="publish", **_plumbing.STORE_TASK)
 def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> None:
     recording.record_figures(ctx, results, split, config)
     create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
@@ -123,24 +126,12 @@ def train_all(split: Split, config: Config) -> tuple[dict[str, training.Trained]
     with _plumbing.task_runner(config, len(config.models)) as runner:
         futures = {name: runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget})
                    for name in config.models}  # fmt: skip
-        return _gather(futures)
+        return _plumbing.gather(futures)
 
 
 def evaluate_all(trained: dict[str, training.Trained], split: Split, config: Config
                  ) -> tuple[dict[str, EvaluationReport], dict[str, str]]:  # fmt: skip
-    return _gather({name: evaluate.submit(t, split, config) for name, t in trained.items()})
-
-
-def _gather(futures: dict) -> tuple[dict, dict[str, str]]:
-    """Results of named futures, and one line per failure (logged as a warning)."""
-    done, failed = {}, {}
-    for name, future in futures.items():
-        try:
-            done[name] = future.result()
-        except Exception as exc:  # a failing model must not stop the others
-            failed[name] = one_line(exc)
-            get_run_logger().warning(f"{name} failed and is left out of promotion: {failed[name]}")
-    return done, failed
+    return _plumbing.gather({name: evaluate.submit(t, split, config) for name, t in trained.items()})
 
 
 @flow(name="retrain", description="Load, validate, split, train all models in parallel, evaluate, register, promote.")
@@ -148,6 +139,7 @@ def retrain(config: Config) -> RunOutcome:
     """One retraining run for `config` (a typed form in the Prefect UI)."""
     stages = Stages()
     _plumbing.task_runner(config, 1)  # fail fast on a Dask runner without a Prefect server
+    probe_store(config)  # an unreachable store fails the run before any training
     key = source_key(config)
     with stages("load"):
         frame = load_data(config, key)
@@ -191,14 +183,11 @@ def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, traine
 
 
 def skipped(data: Interactions, parts: Split, config: Config, stages: Stages) -> RunOutcome:
-    """The data did not change since the last finished run: nothing trained, the champion untouched."""
-    store = tracking.open_store(config.tracking_uri)
-    name = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
-    with tracking.tracking_errors(store):
-        champion = tracking.alias_version(store, name, tracking.CHAMPION)
-    reason = f"data unchanged (digest {data.digest}): nothing trained"
-    get_run_logger().info(f"{data.name}: {reason}")
-    decision = Decision.unchanged(name, reason, config.promotion_rule, champion, config.k)
+    """Data, config and code are those of the last finished run: nothing trained, the champion untouched."""
+    name, champion = recording.current_champion(config, data)
+    decision = Decision.unchanged(name, "unchanged since the last run: nothing trained", config.promotion_rule,
+                                  champion, config.k)  # fmt: skip
+    get_run_logger().info(f"{data.name}: {decision.reason}")
     return RunOutcome(report.build_report(data, parts, [], decision.to_json(), stages))
 
 

@@ -11,6 +11,10 @@ RUNTIME_DEFAULTS = {
     "NUMBA_THREADING_LAYER": "omp",  # thread-safe layer: several models train at once
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # MLflow's HTTP client retries for minutes by default; mfpipe probes the store and retries whole tasks.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline machines log a failure per start
     # The ephemeral Prefect API starts in ~10 s, slower on a busy machine: give it room before failing.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",

@@ -13,6 +13,22 @@ class MfpipeError(Exception):
         self.exit_code = exit_code
 
 
+class TransientError(MfpipeError):
+    """A failure that may pass when tried again (network, a server restarting): the flow retries these."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message, exit_code)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for a TransientError or an OS-level failure (connection, timeout) anywhere in the cause chain."""
+    while exc is not None:
+        if isinstance(exc, TransientError | OSError | ConnectionError | TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one line: its first line (servers answer with pages), prefixed with its type
     unless it is our own message."""

@@ -26,7 +26,10 @@ RUNTIME_FIELDS = {
     "data_home",
     "registered_model",
     "train_timeout_seconds",
+    "skip_unchanged",
 }
+#: The lineage tags that must all match the last finished run for `--skip-unchanged` to skip.
+SAME_INPUTS = ("dataset_digest", "config_hash", "git_commit", "mfpipe_version")
 
 
 def stable_hash(value: Any) -> str:

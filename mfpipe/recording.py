@@ -22,13 +22,16 @@ from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
 from mfpipe.evaluation import METRICS, finite_or_none, metric_key
 from mfpipe.figures import all_figures
-from mfpipe.lineage import config_hash, environment, git_commit
+from mfpipe.lineage import SAME_INPUTS, config_hash, environment, git_commit
 from mfpipe.prepare import Validated
 from mfpipe.promotion import Decision
 from mfpipe.report import ModelResult, split_json
 from mfpipe.split import Split
 from mfpipe.tracking import Store
 from mfpipe.training import Trained
+
+#: Tag that marks the parent run of a retrain (children carry `mlflow.parentRunId` instead).
+PARENT_ROLE = "mfpipe.role"
 
 
 @dataclass
@@ -47,37 +50,77 @@ class RunContext:
 
 
 def open_run(config: Config, data: Interactions, flow_run_id: str | None, flow_run_url: str | None) -> RunContext:
-    """The parent run of this flow run, in the dataset's experiment, tagged with the Prefect run."""
+    """The parent run of this flow run, in the dataset's experiment, tagged with the Prefect run.
+
+    Idempotent per flow run (a retried task finds the parent it opened before), and it first ends FAILED
+    the runs a killed process of this host left RUNNING.
+    """
     store = tracking.open_store(config.tracking_uri)
     with tracking.tracking_errors(store):
         exp_id = tracking.experiment_id(store, data.name)
-        lineage = {
-            "dataset": data.name,
-            "dataset_digest": data.digest,
-            "config_hash": config_hash(config),
-            "seed": config.seed,
-            "git_commit": git_commit(),
-            "mfpipe_version": __version__,
-        }
-        tags = {"prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": flow_run_url, **lineage}
-        parent = tracking.start_run(store, exp_id, f"retrain {data.name}", tags)
-        tracking.log_values(
-            store,
-            parent,
-            params={
-                "data": config.data,
-                "models": ",".join(config.models),
-                "k": config.k,
-                "seed": config.seed,
-                "promotion_rule": config.promotion_rule,
-                "split": config.split.model_dump(mode="json"),
-                "data_options": config.data_options.model_dump(mode="json"),
-            },
-        )
-        tracking.log_dataset(store, [parent], data.name, data.digest, config.data, len(data), "training")
-        tracking.log_json(store, parent, environment(), "environment.json")
+        tracking.fail_abandoned_runs(store, exp_id)
+        lineage = run_lineage(config, data)
+        mine = {PARENT_ROLE: "retrain", "prefect.flow_run_id": flow_run_id} if flow_run_id else None
+        existing = tracking.find_runs(store, exp_id, mine, "RUNNING") if mine else []
+        if existing:
+            parent = existing[0]
+        else:
+            parent = _start_parent(store, exp_id, config, data, lineage, flow_run_id, flow_run_url)
     registered = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
     return RunContext(store, exp_id, parent, registered, lineage)
+
+
+def run_lineage(config: Config, data: Interactions) -> dict[str, Any]:
+    """What this run's results depend on, as tags of the parent run, every child run and every version."""
+    return {
+        "dataset": data.name,
+        "dataset_digest": data.digest,
+        "config_hash": config_hash(config),
+        "seed": config.seed,
+        "git_commit": git_commit() or "",
+        "mfpipe_version": __version__,
+    }
+
+
+def unchanged_since_last_run(config: Config, data: Interactions) -> bool:
+    """True when the last finished run of this dataset had the same data, config and code (`skip_unchanged`)."""
+    store = tracking.open_store(config.tracking_uri)
+    with tracking.tracking_errors(store):
+        last = tracking.last_finished_parent_tags(store, data.name)
+    now = {key: str(value) for key, value in run_lineage(config, data).items()}
+    return bool(last) and all(last.get(key, "") == now[key] for key in SAME_INPUTS)
+
+
+def current_champion(config: Config, data: Interactions) -> tuple[str, tracking.VersionInfo | None]:
+    """The registered model this run would promote to, and the version its `champion` alias points at."""
+    store = tracking.open_store(config.tracking_uri)
+    name = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
+    with tracking.tracking_errors(store):
+        return name, tracking.alias_version(store, name, tracking.CHAMPION)
+
+
+def _start_parent(
+    store: Store, exp_id: str, config: Config, data: Interactions, lineage: dict[str, Any],
+    flow_run_id: str | None, flow_run_url: str | None,
+) -> str:  # fmt: skip
+    tags = {PARENT_ROLE: "retrain", "prefect.flow_run_id": flow_run_id, "prefect.flow_run_url": flow_run_url, **lineage}
+    parent = tracking.start_run(store, exp_id, f"retrain {data.name}", tags)
+    tracking.log_values(
+        store,
+        parent,
+        params={
+            "data": config.data,
+            "models": ",".join(config.models),
+            "k": config.k,
+            "seed": config.seed,
+            "promotion_rule": config.promotion_rule,
+            "split": config.split.model_dump(mode="json"),
+            "data_options": config.data_options.model_dump(mode="json"),
+        },
+    )
+    tracking.log_dataset(store, [parent], data.name, data.digest, config.data, len(data), "training")
+    tracking.log_json(store, parent, environment(), "environment.json")
+    return parent
 
 
 def record_validation(ctx: RunContext, validated: Validated) -> None:
@@ -125,7 +168,13 @@ def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, 
     store = ctx.store
     with tracking.tracking_errors(store):
         tags = {"model": result.model, **ctx.lineage}
-        run_id = tracking.start_run(store, ctx.experiment_id, result.model, tags, parent_id=ctx.parent_run_id)
+        mine = {"mlflow.parentRunId": ctx.parent_run_id, "model": result.model}
+        earlier = tracking.find_runs(store, ctx.experiment_id, mine)
+        if earlier:  # a retried record task: carry on in the child run it opened before
+            run_id = earlier[0]
+            store.client().update_run(run_id, status="RUNNING")
+        else:
+            run_id = tracking.start_run(store, ctx.experiment_id, result.model, tags, parent_id=ctx.parent_run_id)
         result.run_id = run_id
         result.run_link = store.run_link(ctx.experiment_id, run_id)
         if trained is None or result.evaluation is None:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mfpipe.errors import MfpipeError, one_line
+from mfpipe.errors import MfpipeError, TransientError, is_transient, one_line
 
 # No per-log_model warnings (CloudPickle, "pip version" in uv venvs) drowning the leaderboard; errors still show.
 logging.getLogger("mlflow").setLevel(logging.ERROR)
@@ -40,6 +41,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"
 _SQLITE = re.compile(r"^sqlite:///(?P<path>.+)$")
+_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 
 
 # -- store ------------------------------------------------------------------------------------------
@@ -113,13 +115,43 @@ def _create_schema_once(store: Store) -> None:
             _SCHEMA_READY.add(store.uri)
 
 
+def masked(uri: str) -> str:
+    """A URI fit for logs, errors, tags and reports: any password in it replaced by ***."""
+    return _PASSWORD.sub(r"\1***@", uri)
+
+
 @contextmanager
 def tracking_errors(store: Store) -> Iterator[None]:
-    """An unreachable or broken tracking store becomes one MfpipeError line (exit 1: the run failed)."""
+    """An unreachable or broken tracking store becomes one MfpipeError line (exit 1: the run failed).
+
+    A connection failure is a TransientError, which the flow's tasks retry; anything else is not.
+    """
     try:
         yield
-    except MlflowException as exc:
-        raise MfpipeError(f"MLflow store {store.uri}: {one_line(exc)}", exit_code=1) from exc
+    except (MlflowException, OSError) as exc:
+        kind = TransientError if is_transient(exc) or _unreachable(exc) else MfpipeError
+        raise kind(f"MLflow store {masked(store.uri)}: {masked(one_line(exc))}", exit_code=1) from exc
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """MLflow's REST client reports a refused or timed-out connection only in its message."""
+    text = str(exc)
+    return "Max retries exceeded" in text or "Connection refused" in text or "timed out" in text
+
+
+def probe(store: Store, attempts: int = 4, first_delay: float = 2.0) -> None:
+    """Fail fast when the store cannot be reached: a few tries with doubling waits (about 30 s in all)."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            with tracking_errors(store):
+                store.client().search_experiments(max_results=1)
+            return
+        except TransientError:
+            if attempt == attempts:
+                raise
+            time.sleep(delay)
+            delay *= 2
 
 
 def dataset_slug(name: str) -> str:
@@ -157,24 +189,67 @@ def experiment_id(store: Store, dataset: str) -> str:
 
 # -- runs -------------------------------------------------------------------------------------------
 def start_run(store: Store, exp_id: str, name: str, tags: dict[str, Any], parent_id: str | None = None) -> str:
-    tags = {k: str(v) for k, v in tags.items() if v is not None}
+    tags = {**owner_tags(), **{k: str(v) for k, v in tags.items() if v is not None}}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     return store.client().create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
-def last_run_digest(store: Store, dataset: str) -> str | None:
-    """`dataset_digest` of the newest finished parent run of the dataset (for `skip_unchanged`), or None."""
+def last_finished_parent_tags(store: Store, dataset: str) -> dict[str, str]:
+    """Tags of the newest finished parent run of the dataset ({} when there is none)."""
     client = store.client()
     experiment = client.get_experiment_by_name(f"mfpipe-{dataset_slug(dataset)}")
     if experiment is None:
-        return None
+        return {}
     runs = client.search_runs(
         [experiment.experiment_id], filter_string="attributes.status = 'FINISHED' AND tags.dataset_digest LIKE '%'",
         order_by=["attributes.start_time DESC"], max_results=50,
     )  # fmt: skip
     parents = (run for run in runs if "mlflow.parentRunId" not in run.data.tags)
-    return next((run.data.tags["dataset_digest"] for run in parents), None)
+    return next((dict(run.data.tags) for run in parents), {})
+
+
+def find_runs(store: Store, exp_id: str, tags: dict[str, str], status: str | None = None) -> list[str]:
+    """Ids of the experiment's runs carrying all `tags` (and in `status`), newest first."""
+    clauses = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    runs = store.client().search_runs(
+        [exp_id], filter_string=" AND ".join(clauses), order_by=["attributes.start_time DESC"], max_results=100
+    )
+    return [run.info.run_id for run in runs]
+
+
+def owner_tags() -> dict[str, str]:
+    """Who is writing a run: this host and process, so a later run can tell a run whose writer died."""
+    return {"mfpipe.host": socket.gethostname(), "mfpipe.pid": str(os.getpid())}
+
+
+def fail_abandoned_runs(store: Store, exp_id: str) -> list[str]:
+    """End FAILED the RUNNING runs of this host whose process is gone (killed mid-run); returns their ids."""
+    client = store.client()
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=500):
+        tags = run.data.tags
+        if tags.get("mfpipe.host") != host or _alive(int(tags.get("mfpipe.pid", "0") or 0)):
+            continue
+        client.set_tag(run.info.run_id, "error", f"abandoned: process {tags.get('mfpipe.pid')} ended mid-run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def end_run(store: Store, run_id: str, ok: bool) -> None:
@@ -256,8 +331,13 @@ def log_figure(store: Store, run_id: str, figure: Any, artifact_file: str) -> No
 
 # -- registry ---------------------------------------------------------------------------------------
 def register(store: Store, name: str, model_uri: str, run_id: str, tags: dict[str, Any]) -> str:
-    """A new version of `name` (created on first use) with lineage tags; returns the version."""
+    """A new version of `name` (created on first use) with lineage tags; returns the version.
+
+    Idempotent per run: a retried registration of the same run returns the version it made before.
+    """
     client = store.client()
+    for existing in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+        return str(existing.version)
     try:
         client.create_registered_model(name, description="mfpipe candidates; `champion` is served.")
     except MlflowException as exc:

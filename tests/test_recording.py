@@ -8,6 +8,7 @@ import pytest
 
 from mfpipe import prepare, recording, tracking, training
 from mfpipe.config import load_config
+from mfpipe.errors import TransientError
 from mfpipe.evaluation import evaluate_model
 from mfpipe.report import ModelResult, collect_results
 
@@ -70,9 +71,9 @@ def test_an_interrupted_registration_leaves_its_child_run_failed(recorded, monke
         raise ConnectionError("store went away")
 
     monkeypatch.setattr(tracking, "register", broken)
-    result = ModelResult("pop", "ok", evaluation=pop.evaluation, train_seconds=1.0)
+    result = ModelResult("als", "ok", evaluation=pop.evaluation, train_seconds=1.0)
     trained = training.train_model("pop", parts, load_config(overrides={"k": 5}), training.CoreBudget(1, ["pop"]))
-    with pytest.raises(ConnectionError):
+    with pytest.raises(TransientError, match="store went away"):  # retried by the flow's record task
         recording.record_model(ctx, result, trained, parts, load_config(overrides={"k": 5}))
     assert ctx.store.client().get_run(result.run_id).info.status == "FAILED"
 

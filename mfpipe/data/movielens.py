@@ -22,7 +22,7 @@ import pandas as pd
 
 from mfpipe.config import DataOptions
 from mfpipe.data.files import CORRUPT, TableSource, file_source, read_table
-from mfpipe.errors import MfpipeError
+from mfpipe.errors import MfpipeError, TransientError
 
 BASE_URL = "https://files.grouplens.org/datasets/movielens/"
 #: Published MD5s (../shared/data/CHECKSUMS.md); for `latest` this is the edition used when the sidecar is unreadable.
@@ -109,9 +109,9 @@ def fetch(name: str, data_home: Path, base_url: str = BASE_URL) -> Path:
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise MfpipeError(f"{url}: download failed (HTTP {status}){_placed(target, md5)}; {by_hand}") from None
-    except requests.RequestException as exc:
+    except requests.RequestException as exc:  # no network, a server away: worth another try
         detail = f"{type(exc).__name__}: offline?"
-        raise MfpipeError(f"{url}: download failed ({detail}){_placed(target, md5)}; {by_hand}") from None
+        raise TransientError(f"{url}: download failed ({detail}){_placed(target, md5)}; {by_hand}", 2) from None
     except OSError as exc:
         raise MfpipeError(f"{target}: cannot store the download ({exc.strerror or exc}); {by_hand}") from None
     finally:
