@@ -25,6 +25,7 @@ from mfpipe.errors import MfpipeError
 
 MODULES = (
     "mfpipe.bench.bpr", "mfpipe.bench.evaluation", "mfpipe.bench.svd", "mfpipe.bench.fit", "mfpipe.bench.serving",
+    "mfpipe.bench.foldin",
 )  # fmt: skip
 
 
