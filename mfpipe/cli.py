@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from mfpipe import __version__
-from mfpipe.errors import MfpipeError
+from mfpipe.errors import MfpipeError, one_line
 
 
 class Protocol(StrEnum):
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     Click runs outside its standalone mode so that its usage errors come back as exceptions (standalone,
     it prints them as a multi-line block) and are said like a MfpipeError. Exit 2: bad input or usage;
-    1: a run that failed; 130: interrupted.
+    1: a run that failed, or an I/O error (OSError); 130: interrupted.
     """
     try:
         code = app(args=argv, prog_name="mfpipe", standalone_mode=False)
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail("aborted", 1)
     except MfpipeError as exc:
         _fail(str(exc), exc.exit_code)
+    except OSError as exc:  # a path that cannot be written, a full disk: the command failed, said in a line
+        _fail(one_line(exc), 1)
     except KeyboardInterrupt:  # raised outside a command (Click turns one inside into exit code 130)
         code = 130
     if code == 130:
@@ -389,6 +391,8 @@ def run(
         },
     )  # fmt: skip
     _check_data_source(cfg)
+    if json_report is not None:  # an unusable report path fails now, not after the run
+        json_report.parent.mkdir(parents=True, exist_ok=True)
     from flows.retrain import run as run_flow
 
     # With --json, stdout is the report alone: whatever the run prints (Prefect's console logs are bound
@@ -396,7 +400,6 @@ def run(
     with contextlib.redirect_stdout(sys.stderr) if json_ else contextlib.nullcontext():
         outcome = run_flow(cfg)
     if json_report is not None:
-        json_report.parent.mkdir(parents=True, exist_ok=True)
         json_report.write_text(json.dumps(outcome.report, indent=2))
     if json_:
         typer.echo(json.dumps(outcome.report))

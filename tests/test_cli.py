@@ -154,6 +154,21 @@ def test_run_rejects_a_data_spec_that_names_nothing(spec, expected, capsys, tmp_
     assert one_error_line(err).startswith(expected)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["split", "synthetic:2000", "--out", "blocker/parts"],
+        ["run", "--data", "synthetic:3000", "--json-report", "blocker/report.json"],  # before the run starts
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_one_line_with_exit_1(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    code, _, err = run_main(args, capsys)
+    assert code == 1
+    assert "blocker" in one_error_line(err)
+
+
 # -- help --------------------------------------------------------------------------------------------
 def _enum_choices(command: typing.Any) -> dict[str, list[str]]:
     """Parameter name -> the values of its Enum type, from the command's signature."""
