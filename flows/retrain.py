@@ -21,6 +21,7 @@ from flows import _plumbing
 from mfpipe import prepare, promotion, recording, report, tracking, training
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
+from mfpipe.drift import drift_markdown
 from mfpipe.errors import one_line
 from mfpipe.evaluation import EvaluationReport, evaluate_model
 from mfpipe.lineage import source_key
@@ -99,6 +100,8 @@ def promote(ctx: RunContext, results: list[ModelResult], split: Split, config: C
     with _plumbing.promotion_slot(ctx.registered_model):
         decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config)
     recording.record_decision(ctx, decision)
+    if decision.drift is not None:
+        create_markdown_artifact(drift_markdown(decision.drift), key="drift")
     get_run_logger().info(f"Promotion: {decision.reason}")
     return decision
 
@@ -178,7 +181,7 @@ def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, traine
         train_sum = sum(t.train_seconds for t in trained.values())
         timing = {f"stage_{name}_seconds": value for name, value in stages.seconds.items()}
         recording.close_run(ctx, ok=True, error=None, metrics={**timing, "train_sum_seconds": train_sum})
-    document = report.build_report(data, parts, results, decision.to_json(), stages)
+    document = report.build_report(data, parts, results, decision.to_json(), stages, decision.drift)
     return RunOutcome(document, stages.seconds["train"], train_sum, test_ndcg, ctx.link, ctx.store.ui_command())
 
 

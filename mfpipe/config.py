@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
 
 from mfpipe.errors import MfpipeError
@@ -55,6 +55,7 @@ class SplitOptions(_Section):
     cutoff: str | None = None
     test_quantile: float | None = Field(None, gt=0.0, lt=1.0)
     relevance_threshold: float | None = None
+    #: The random protocols' seed; unset, it is the run's `seed` (one `--seed` sets both).
     seed: int = 42
 
 
@@ -79,6 +80,15 @@ class Config(_Section):
     skip_unchanged: bool = False
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     train_timeout_seconds: float = Field(3600.0, gt=0)  # per model; a model over it is reported failed
+    #: Largest population-stability index (ratings, activity) between the champion's training data and this
+    #: run's at which a new champion may still be promoted; None: drift is reported, never blocks.
+    drift_threshold: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_seed(self) -> Config:
+        if "seed" not in self.split.model_fields_set and self.split.seed != self.seed:
+            self.split = self.split.model_copy(update={"seed": self.seed})
+        return self
 
     @field_validator("models", mode="before")
     @classmethod

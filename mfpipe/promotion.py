@@ -11,6 +11,7 @@ it, and if another run moved it meanwhile the decision is taken again against th
 from __future__ import annotations
 
 import fcntl
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mfpipe import serving, tracking
+from mfpipe import drift, serving, tracking
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
@@ -37,6 +38,9 @@ from mfpipe.report import ModelResult, best
 from mfpipe.split import Split
 from mfpipe.tracking import CHALLENGER, CHAMPION, Store, VersionInfo
 
+#: Version tag holding `drift.profile` of the version's training data.
+PROFILE_TAG = "data_profile"
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -52,13 +56,15 @@ class Candidate:
 class Rescore:
     """The champion re-scored on this run's validation split, and the paired comparison with it.
 
-    `leaked`: validation pairs of this run the champion was trained on; any makes the two incomparable.
+    `block`: why the candidate may not replace the champion whatever the scores (training data that
+    overlaps this validation slice, drift beyond the threshold); `drift`: the report's drift block.
     """
 
     score: float
     diff: float  # candidate - champion
     ci95: tuple[float, float]
-    leaked: int = 0
+    block: str | None = None
+    drift: dict[str, Any] | None = None
 
 
 class ChampionUnavailable(MfpipeError):
@@ -85,6 +91,7 @@ class Decision:
     ci95: tuple[float, float] | None = None
     challenger: str | None = None
     k: int = 10
+    drift: dict[str, Any] | None = None
 
     @classmethod
     def unchanged(cls, name: str, reason: str, rule: str, champion: VersionInfo | None, k: int = 10) -> Decision:
@@ -131,14 +138,13 @@ def decide(
             f"no champion yet: {candidate.model} v{candidate.version} ({label} {candidate.score:.4f}) becomes champion",
             rule, candidate, after_version=candidate.version, after_score=candidate.score, k=candidate.k,
         )  # fmt: skip
-    if rescore.leaked:
+    if rescore.block:
         return Decision(
             name, False,
-            f"champion v{champion.version} was trained on {rescore.leaked} of this run's validation interactions "
-            f"(data re-ingested or the cutoff moved): not comparable; nothing moves to champion, "
-            f"{candidate.model} v{candidate.version} becomes challenger",
-            rule, candidate, before_version=champion.version, after_version=champion.version,
-            challenger=candidate.version, k=candidate.k,
+            f"{rescore.block}; nothing moves to champion, {candidate.model} v{candidate.version} becomes challenger",
+            rule, candidate, before_version=champion.version, before_score=rescore.score,
+            after_version=champion.version, after_score=rescore.score, challenger=candidate.version, k=candidate.k,
+            drift=rescore.drift,
         )  # fmt: skip
     lo, hi = rescore.ci95
     head = (
@@ -157,6 +163,7 @@ def decide(
         name, promoted, f"{head}: {why}; {'promoted' if promoted else 'champion kept'}", rule, candidate,
         before_version=champion.version, before_score=rescore.score, after_version=after[0], after_score=after[1],
         diff=rescore.diff, ci95=(lo, hi), challenger=None if promoted else candidate.version, k=candidate.k,
+        drift=rescore.drift,
     )  # fmt: skip
 
 
@@ -316,6 +323,25 @@ def compare(candidate: EvaluationReport, champion: EvaluationReport, seed: int) 
     return result.mean_diff, result.ci95
 
 
+def drift_since(champion: VersionInfo, catalog: serving.Catalog, train: Interactions) -> dict[str, Any]:
+    """The report's drift block: the champion's training data (its profile tag, its ids) against this train."""
+    text = champion.tags.get(PROFILE_TAG)
+    return drift.compare(json.loads(text) if text else None, catalog.user_ids, catalog.item_ids, train)
+
+
+def _blocked(champion: VersionInfo, leaked: int, changes: dict[str, Any], config: Config) -> str | None:
+    """Why no candidate of this run may replace the champion, whatever the scores (None: the scores decide)."""
+    if leaked:
+        return (
+            f"champion v{champion.version} was trained on {leaked} of this run's validation interactions "
+            "(data re-ingested or the cutoff moved): not comparable"
+        )
+    worst = changes.get("max_psi")
+    if config.drift_threshold is not None and worst is not None and worst > config.drift_threshold:
+        return f"the data drifted since champion v{champion.version} (PSI {worst:.3f} > {config.drift_threshold:g})"
+    return None
+
+
 def load_version(name: str, version: str) -> serving.RecommenderModel:
     """A registered version's model and catalogue; one that does not load is `ChampionUnavailable`."""
     try:
@@ -339,10 +365,11 @@ def promote_best(store: Store, name: str, results: list[ModelResult], split: Spl
 
         def rescore_champion(champion: VersionInfo) -> Rescore:
             loaded = load_version(name, champion.version)
-            leaked = leaked_pairs(loaded.model, loaded.catalog, split.validation)
             report = rescore(loaded, split, config)
             diff, ci95 = compare(evaluation, report, config.seed)
-            return Rescore(report.warm["ndcg"].mean, diff, ci95, leaked)
+            changes = drift_since(champion, loaded.catalog, split.train)
+            block = _blocked(champion, leaked_pairs(loaded.model, loaded.catalog, split.validation), changes, config)
+            return Rescore(report.warm["ndcg"].mean, diff, ci95, block, changes)
 
         candidate = Candidate(top.model, top.version, top.score, config.k)
         return promote(store, name, candidate, rescore_champion, config.promotion_rule)

@@ -8,6 +8,7 @@ one MfpipeError line (exit 1).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import tempfile
@@ -17,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mfpipe import __version__, serving, tracking
+from mfpipe import __version__, drift, serving, tracking
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
 from mfpipe.evaluation import METRICS, finite_or_none, metric_key
 from mfpipe.figures import all_figures
 from mfpipe.lineage import SAME_INPUTS, config_hash, environment, git_commit
 from mfpipe.prepare import Validated
-from mfpipe.promotion import Decision
+from mfpipe.promotion import PROFILE_TAG, Decision
 from mfpipe.report import ModelResult, split_json
 from mfpipe.split import Split
 from mfpipe.tracking import Store
@@ -43,6 +44,7 @@ class RunContext:
     parent_run_id: str
     registered_model: str
     lineage: dict[str, Any]
+    data_profile: str = ""  # drift.profile of this run's train data, tagged on every version
 
     @property
     def link(self) -> str:
@@ -151,6 +153,7 @@ def record_split(ctx: RunContext, split: Split) -> None:
             },
             tags={"split_digest": split.digest},
         )
+    ctx.data_profile = json.dumps(drift.profile(split.train))
     ctx.lineage.update(
         split_digest=split.digest,
         protocol=s.protocol,
@@ -204,9 +207,9 @@ def _record_finished(
         tags={"status": "ok"},
     )
     tracking.log_curves(store, run_id, epoch_curves(trained.model.history))
-    tracking.log_dataset(
-        store, [run_id], split.train.name, split.train.digest, config.data, len(split.train), "training"
-    )
+    for part, context in ((split.train, "training"), (split.validation, "validation")):
+        tracking.log_dataset(store, [run_id], f"{part.name} {context}", part.digest, config.data, len(part), context)
+    store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
     with _scratch() as folder:
         catalog = serving.Catalog.of(split.train)
         model_path = trained.model.save(folder / f"{result.model}.npz")
@@ -217,10 +220,27 @@ def _record_finished(
         **ctx.lineage,
         "model": result.model,
         "train_seconds": round(trained.train_seconds, 3),
+        PROFILE_TAG: ctx.data_profile or None,
         **{key: finite_or_none(metrics.get(key)) for key in keys},
     }
     result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
     result.registered_model = ctx.registered_model
+    tracking.describe_version(store, ctx.registered_model, result.version, version_description(result, split))
+
+
+def version_description(result: ModelResult, split: Split) -> str:
+    """What the registry page says at a glance: model, NDCG@k with its interval, data, protocol."""
+    assert result.evaluation is not None
+    ndcg = result.evaluation.warm["ndcg"]
+    lo, hi = ndcg.ci95
+    s = split.summary
+    cutoff = f", cutoff {s.cutoff}" if s.cutoff else ""
+    return (
+        f"**{result.model}**: NDCG@{result.evaluation.k} {ndcg.mean:.4f} (95% interval {lo:.4f}-{hi:.4f}, "
+        f"{result.evaluation.warm.n_users} warm users)\n\n"
+        f"Data `{split.train.name}`: {s.n_train:,} train / {s.n_validation:,} validation interactions; "
+        f"protocol {s.protocol}{cutoff}."
+    )
 
 
 @contextmanager
@@ -249,6 +269,11 @@ def epoch_curves(history: dict[str, list[float]]) -> dict[str, list[float]]:
 def record_decision(ctx: RunContext, decision: Decision) -> None:
     with tracking.tracking_errors(ctx.store):
         tracking.log_values(ctx.store, ctx.parent_run_id, tags=decision.tags())
+        if decision.drift is not None:
+            tracking.log_json(ctx.store, ctx.parent_run_id, decision.drift, "drift/drift.json")
+            tracking.log_values(ctx.store, ctx.parent_run_id, metrics={
+                f"drift_{key}": value for key, value in decision.drift.items() if isinstance(value, int | float)
+            })  # fmt: skip
 
 
 def record_test_score(ctx: RunContext, version: str, value: float, k: int) -> None:

@@ -95,10 +95,11 @@ def split_json(split: Split) -> dict[str, Any]:
 
 
 def build_report(
-    data: Interactions, split: Split, results: list[ModelResult], champion: dict[str, Any], stages: Stages
-) -> dict[str, Any]:
-    """The `--json-report` document, exactly the Contracts layout."""
-    return {
+    data: Interactions, split: Split, results: list[ModelResult], champion: dict[str, Any], stages: Stages,
+    drift: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The `--json-report` document, exactly the Contracts layout (`drift` once a champion exists)."""
+    document = {
         "dataset": {"name": data.name, "digest": data.digest, "rows": len(data)},
         "protocol": split.summary.protocol,
         "split": split_json(split),
@@ -106,6 +107,7 @@ def build_report(
         "champion": champion,
         "timing": stages.to_json(),
     }
+    return document if drift is None else {**document, "drift": drift}
 
 
 @dataclass

@@ -170,21 +170,27 @@ def registered_model_name(dataset: str, protocol: str = "temporal", override: st
     return f"mfpipe-{dataset_slug(dataset)}{suffix}"
 
 
+#: Experiment tag that makes the MLflow UI open the training-runs view, not its GenAI (traces) view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(store: Store, dataset: str) -> str:
-    """The dataset's experiment, created on first use (artifacts beside a local store)."""
+    """The dataset's experiment, created on first use (artifacts beside a local store), tagged as model training."""
     client = store.client()
     name = f"mfpipe-{dataset_slug(dataset)}"
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = (store.artifact_root / name).as_uri() if store.artifact_root is not None else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created by a concurrent run in the meantime
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        location = (store.artifact_root / name).as_uri() if store.artifact_root is not None else None
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:  # created by a concurrent run in the meantime
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:  # made by an older mfpipe
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 # -- runs -------------------------------------------------------------------------------------------
@@ -375,6 +381,11 @@ def alias_version(store: Store, name: str, alias: str = CHAMPION) -> VersionInfo
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def describe_version(store: Store, name: str, version: str, text: str) -> None:
+    """The markdown the registry page shows for the version."""
+    store.client().update_model_version(name, str(version), description=text)
 
 
 def get_version(store: Store, name: str, version: str) -> VersionInfo:

@@ -167,9 +167,19 @@ def test_a_champion_trained_on_this_validation_data_is_not_comparable():
     split = split_interactions(new, SplitOptions())
     leaked = promotion.leaked_pairs(champion, serving.Catalog.of(new), split.validation)
     assert leaked == split.summary.n_validation
-    decision = promotion.decide("m", CANDIDATE, CHAMPION, promotion.Rescore(0.1, 0.2, (0.1, 0.3), leaked), "strict")
+    block = promotion._blocked(CHAMPION, leaked, {}, load_config())
+    decision = promotion.decide("m", CANDIDATE, CHAMPION, promotion.Rescore(0.1, 0.2, (0.1, 0.3), block), "strict")
     assert not decision.promoted and decision.challenger == "5" and decision.after_version == "2"
     assert f"trained on {leaked} of this run's validation interactions" in decision.reason
+
+
+def test_drift_beyond_the_threshold_blocks_promotion():
+    changes = {"max_psi": 0.4}
+    assert promotion._blocked(CHAMPION, 0, changes, load_config()) is None  # no threshold: reported only
+    block = promotion._blocked(CHAMPION, 0, changes, load_config(overrides={"drift_threshold": 0.25}))
+    decision = promotion.decide("m", CANDIDATE, CHAMPION, promotion.Rescore(0.1, 0.2, (0.1, 0.3), block, changes),
+                                "strict")  # fmt: skip
+    assert not decision.promoted and "PSI 0.400 > 0.25" in decision.reason and decision.drift == changes
 
 
 def test_an_unloadable_champion_is_tagged_and_treated_as_absent(tmp_path):

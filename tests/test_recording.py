@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -84,3 +85,18 @@ def test_epoch_curves_put_sparse_ndcg_at_its_epochs():
     assert curves["epoch_loss"] == [3.0, 2.0, 1.0] and set(curves) == {"epoch_loss", "epoch_ndcg_at_10"}
     first, *rest = curves["epoch_ndcg_at_10"]
     assert math.isnan(first) and rest == [0.1, 0.2]
+
+
+def test_what_a_person_compares_in_the_mlflow_ui(recorded):
+    ctx, results, _, parts = recorded
+    client = ctx.store.client()
+    assert client.get_experiment(ctx.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    pop = next(r for r in results if r.model == "pop")
+    run = client.get_run(pop.run_id)
+    contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation"}
+    assert "tables/per_user_metrics.json" in {a.path for a in client.list_artifacts(pop.run_id, "tables")}
+    version = client.get_model_version(ctx.registered_model, pop.version)
+    assert version.description.startswith("**pop**: NDCG@5 ") and parts.summary.protocol in version.description
+    profile = json.loads(version.tags["data_profile"])
+    assert profile["rows"] == parts.summary.n_train
