@@ -247,7 +247,8 @@ class Catalog:
         with np.load(Path(path), allow_pickle=False) as data:
             item_ids = data["item_ids"].astype(str)
             titles = dict(zip(data["title_keys"].tolist(), data["title_values"].tolist(), strict=True))
-            return cls(data["user_ids"].astype(str), item_ids, np.array([titles.get(i) for i in item_ids.tolist()]))
+            aligned = np.array([titles.get(i) for i in item_ids.tolist()], dtype=object)
+            return cls(data["user_ids"].astype(str), item_ids, aligned)
 
     def users(self, user_ids: Sequence[str]) -> np.ndarray:
         get = self.user_index.get
