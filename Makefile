@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast bench lint lock services-deps clean
+.PHONY: setup run test test-fast bench lint lock services-deps ui-deps clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,14 @@ services-deps:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
 	    || echo "warning: could not install postgresql; PostgreSQL tests will skip (fail under CI=true)"; }
 
-test: setup services-deps lint
+# Debian's Chromium for the UI tests (tests/ui drive it headless over the DevTools protocol; no browser download).
+ui-deps:
+	@command -v chromium >/dev/null 2>&1 || \
+	  { echo "installing chromium (Debian package) for the UI tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "warning: could not install chromium; UI tests will skip (fail under CI=true)"; }
+
+test: setup services-deps ui-deps lint
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -1,4 +1,5 @@
-"""The plots logged to the run in MLflow: learning curves, metrics with intervals, NDCG by user activity.
+"""The plots logged to the run in MLflow: learning curves, metrics with intervals, NDCG by user activity,
+and what a model's strongest latent dimensions mean (`factor_report`).
 
 Each returns a matplotlib figure on the Agg backend (no display; safe in worker threads), or None when
 no model has what the plot shows.
@@ -7,7 +8,7 @@ no model has what the plot shows.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,9 @@ import pandas as pd
 from mfpipe.evaluation import METRICS, display_name
 from mfpipe.report import ModelResult
 from mfpipe.split import Split
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ACTIVITY_BUCKETS = (1, 20, 50, 100, 200)  # train interactions per user: 1-19, 20-49, ..., 200+
 
@@ -96,6 +100,52 @@ def ndcg_by_activity(results: list[ModelResult], split: Split, k: int) -> Any | 
     ax.set(title=f"NDCG@{k} by user activity", xlabel="train interactions per user", ylabel=f"NDCG@{k}")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def factor_report(
+    item_factors: np.ndarray, item_ids: np.ndarray, titles: dict[str, str], dims: int = 4, top: int = 5
+) -> Figure:
+    """What the strongest latent dimensions mean: for each, the `top` items at either end, titles when known.
+
+    `item_factors` is items x factors (row i belongs to `item_ids[i]`); the dimensions shown are the
+    `dims` columns with the largest variance over the items (ties: lower column first), strongest
+    first. A dimension's sign is arbitrary, so both ends are listed: the highest values (top half of
+    its panel, highest first) and the lowest (bottom half, lowest last). Items are labelled with
+    `titles[str(id)]`, else their id. With fewer than 2 x `top` items, each end gets half of them.
+    Returns a matplotlib Figure (Agg, no pyplot state), one panel per dimension.
+    """
+    from matplotlib.figure import Figure
+
+    factors = np.asarray(item_factors, dtype=np.float64)
+    ids = np.asarray(item_ids).astype(str)
+    if factors.ndim != 2 or factors.shape[0] == 0 or factors.shape[1] == 0:
+        raise ValueError(f"item_factors must be a non-empty items x factors matrix, got shape {factors.shape}")
+    if ids.shape != (factors.shape[0],):
+        raise ValueError(f"{ids.size} item ids for {factors.shape[0]} rows of item factors")
+    if dims < 1 or top < 1:
+        raise ValueError(f"dims and top must be >= 1, got dims={dims}, top={top}")
+    variance = factors.var(axis=0)
+    total = float(variance.sum())
+    strongest = np.argsort(-variance, kind="stable")[:dims]
+    per_end = min(top, max(1, factors.shape[0] // 2))
+
+    fig = Figure(figsize=(9.0, 0.8 + len(strongest) * (0.45 * 2 * per_end + 0.7)), layout="constrained")
+    axes = fig.subplots(len(strongest), 1, squeeze=False)[:, 0]
+    for ax, dim in zip(axes, strongest, strict=True):
+        values = factors[:, dim]
+        order = np.argsort(values, kind="stable")
+        picked = np.concatenate([order[::-1][:per_end], order[:per_end][::-1]])  # high end, then low end
+        labels = [titles.get(item, item)[:60] for item in ids[picked]]
+        y = np.arange(len(picked))[::-1]
+        colours = ["tab:blue"] * per_end + ["tab:orange"] * per_end
+        ax.barh(y, values[picked], color=colours)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        share = float(variance[dim]) / total if total > 0 else 0.0
+        ax.set_title(f"dimension {dim}: variance {variance[dim]:.3g} ({share:.0%} of all dimensions)", fontsize=10)
+    axes[-1].set_xlabel("item factor value")
+    fig.suptitle(f"The {len(strongest)} strongest latent dimensions: the {per_end} items at each end")
     return fig
 
 
