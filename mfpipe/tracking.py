@@ -65,7 +65,8 @@ class Store:
         return self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else MLFLOW_UI_URL
 
     def run_link(self, experiment_id: str, run_id: str) -> str:
-        return f"{self.ui_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+        """A run's page; the query opens the training view (MLflow 3 defaults a new browser to its GenAI view)."""
+        return f"{masked(self.ui_url())}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     def ui_command(self) -> str:
         return f"mlflow ui --backend-store-uri {self.uri}" if self.local else f"open {self.ui_url()}"
