@@ -22,7 +22,7 @@ from mfpipe import __version__, drift, serving, tracking
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
 from mfpipe.evaluation import METRICS, finite_or_none, metric_key
-from mfpipe.figures import all_figures
+from mfpipe.figures import all_figures, factor_report
 from mfpipe.lineage import SAME_INPUTS, config_hash, environment, git_commit
 from mfpipe.prepare import Validated
 from mfpipe.promotion import PROFILE_TAG, Decision
@@ -210,8 +210,12 @@ def _record_finished(
     for part, context in ((split.train, "training"), (split.validation, "validation")):
         tracking.log_dataset(store, [run_id], f"{part.name} {context}", part.digest, config.data, len(part), context)
     store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
+    catalog = serving.Catalog.of(split.train)
+    factors = getattr(trained.model, "item_factors", None)
+    if factors is not None:  # what the strongest latent dimensions mean, by the items at their two ends
+        figure = factor_report(factors, catalog.item_ids, catalog.titles)
+        tracking.log_figure(store, run_id, figure, "plots/factors.png")
     with _scratch() as folder:
-        catalog = serving.Catalog.of(split.train)
         model_path = trained.model.save(folder / f"{result.model}.npz")
         catalog_path = catalog.save(folder / "catalog.npz")
         uri = serving.log_to_run(run_id, model_path, catalog_path, serving.input_example(catalog))

@@ -100,3 +100,16 @@ def test_what_a_person_compares_in_the_mlflow_ui(recorded):
     assert version.description.startswith("**pop**: NDCG@5 ") and parts.summary.protocol in version.description
     profile = json.loads(version.tags["data_profile"])
     assert profile["rows"] == parts.summary.n_train
+
+
+def test_a_factor_model_logs_what_its_dimensions_mean(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(overrides={"data": "synthetic:3000", "tracking_uri": store, "models": "als"})
+    data, parts = prepare.prepare(config)
+    als = training.train_model("als", parts, config, training.CoreBudget(1, ["als"]))
+    reports = {"als": evaluate_model(als.model, parts, config.k)}
+    [result] = collect_results(["als"], {"als": als}, reports, {}, parts)
+    ctx = recording.open_run(config, data, None, None)
+    recording.record_split(ctx, parts)
+    recording.record_model(ctx, result, als, parts, config)
+    assert "plots/factors.png" in {a.path for a in ctx.store.client().list_artifacts(result.run_id, "plots")}
