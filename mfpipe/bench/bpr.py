@@ -10,7 +10,9 @@ Two rows per case. The target row runs ours with one verified negative per tripl
 work per sample, so the ratio measures the kernels. The `defaults` row runs our shipped defaults, which
 draw two candidate negatives per triple and train on the harder one (better NDCG, more work per
 sample); it has no target. Details give the memory ceiling: our one-candidate sampling loop with the
-arithmetic left out (same sampling, verification, prefetch and row loads), i.e. what memory allows.
+arithmetic left out (`Sampler.memory_pass`: same sampling, verification, prefetch and row loads), i.e.
+what memory allows. It is timed in the same round robin as the fits (after `ours` in each round, on its
+factors), so the share of the ceiling compares runs that saw the same load on the machine.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def evaluation_users(split: Any, seed: int, limit: int = NDCG_USERS) -> np.ndarr
 def round_robin(fns: tuple[Callable[[], Any], ...], repeats: int) -> list[float]:
     """Median wall seconds of each fn, run in turn (a, b, c, a, b, c, ...): drift hits every side alike.
 
-    `mfpipe.bench.interleaved` for more than two sides (ours, ours with one candidate, the peer).
+    `mfpipe.bench.interleaved` for more than two sides (ours, the peer, our defaults, the ceiling).
     """
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
@@ -128,28 +130,10 @@ def round_robin(fns: tuple[Callable[[], Any], ...], repeats: int) -> list[float]
     return [statistics.median(spent) for spent in times]
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def memory_ceiling(model: Any, epochs: int, threads: int, repeats: int, seed: int) -> float:
-    """Samples/s of our sampling loop without the arithmetic (median of `repeats`), on `model`'s data."""
-    from mfpipe.models.bpr import Sampler
-
-    sampler = Sampler(model.seen, popularity=model.params.negative_sampling == "popularity")
-    seconds = median_seconds(lambda: sampler.memory_pass(model, epochs, threads, seed), repeats)
-    return epochs * len(sampler.pairs) / seconds
-
-
 def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable[[str], None]) -> list[BenchResult]:
-    """Time both fits interleaved, then their validation NDCG@10 and our memory ceiling."""
+    """Time the fits and our memory ceiling interleaved, then the fits' validation NDCG@10."""
     from mfpipe.config import SplitOptions
-    from mfpipe.models.bpr import BPR
+    from mfpipe.models.bpr import BPR, Sampler
     from mfpipe.split import split_interactions
 
     report(f"{case.name}: loading and splitting")
@@ -166,12 +150,20 @@ def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable
     def ours_defaults() -> None:
         fitted["defaults"] = BPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
 
+    sampler = Sampler(train.matrix, popularity=False)  # what ours samples from (uniform negatives)
+
+    def ceiling_pass() -> None:
+        sampler.memory_pass(fitted["ours"], case.epochs, threads, seed)
+
     BPR(threads=threads, seed=seed, epochs=1).fit(_slice(train))  # JIT compile (or cache load) excluded
-    report(f"{case.name}: timing {repeats} x ours / implicit / defaults, {case.epochs} epochs x {len(train):,} triples")
-    ours_s, peer_s, defaults_s = round_robin((ours, peer, ours_defaults), repeats)
+    report(
+        f"{case.name}: timing {repeats} x ours / implicit / defaults / memory ceiling, "
+        f"{case.epochs} epochs x {len(train):,} triples"
+    )
+    ours_s, peer_s, defaults_s, ceiling_s = round_robin((ours, peer, ours_defaults, ceiling_pass), repeats)
     samples = case.epochs * len(train)
-    report(f"{case.name}: memory ceiling and NDCG@10")
-    ceiling = memory_ceiling(fitted["ours"], case.epochs, threads, repeats, seed)
+    ceiling = samples / ceiling_s
+    report(f"{case.name}: NDCG@10")
     users = evaluation_users(split, seed)
     ndcg_ours = validation_ndcg(fitted["ours"], split, users)
     ndcg_peer = validation_ndcg(fitted["peer"], split, users)
