@@ -24,12 +24,12 @@ import json
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -43,6 +43,10 @@ from mfpipe.errors import MfpipeError, one_line
 from mfpipe.models import load as load_model
 from mfpipe.models.base import FactorModel, Recommender
 
+if TYPE_CHECKING:
+    from mfpipe.tracking import Store
+
+T = TypeVar("T")
 DEFAULT_K = pyfunc_model.DEFAULT_K
 INPUT_SCHEMA = Schema(
     [
@@ -181,7 +185,7 @@ def _artifacts(model_uri: str) -> Iterator[tuple[Path, Path]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _load(model_uri: str, read: Any) -> Any:
+def _load(model_uri: str, read: Callable[[Path, Path], T]) -> T:
     """`read(model_path, catalog_path)` on the version's artifacts; any failure is one MfpipeError line."""
     try:
         with _artifacts(model_uri) as (model_path, catalog_path):
@@ -203,7 +207,7 @@ def load_recommendations(model_uri: str) -> pyfunc_model.Recommendations:
     return _load(model_uri, pyfunc_model.Recommendations.load)
 
 
-def champion_version_uri(store: Any, name: str) -> str:
+def champion_version_uri(store: Store, name: str) -> str:
     """`models:/NAME/N` of the current champion: a pinned version names itself in every error."""
     from mfpipe import tracking
 
@@ -322,7 +326,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Quiet: a line per request costs more than the answer under load."""
 
 
-def make_server(recommendations: pyfunc_model.Recommendations, port: int, host: str = "127.0.0.1") -> Any:
+def make_server(
+    recommendations: pyfunc_model.Recommendations, port: int, host: str = "127.0.0.1"
+) -> http.server.ThreadingHTTPServer:
     """A threading HTTP server answering `/invocations` for one loaded version (not started)."""
     handler = type("Handler", (_Handler,), {"recommendations": recommendations})
     try:

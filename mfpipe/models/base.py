@@ -18,7 +18,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
 from mfpipe.ranking import top_k_excluding
+
+if TYPE_CHECKING:
+    from mfpipe.pyfunc_model import Scorer
 
 
 class TrainingTimeout(MfpipeError):
@@ -147,7 +150,7 @@ class Recommender(ABC):
         # Unknown users (index -1 here) have no history to exclude.
         return top_k_excluding(scores, k, np.where(known, users, -1), self.seen if exclude_seen else None)
 
-    def scorer(self) -> Any:
+    def scorer(self) -> Scorer:
         """This fitted model as the served code sees it (`pyfunc_model.Scorer`: numpy scoring and fold-in).
 
         Fold-in is defined once, there, because a registered version must answer it without mfpipe.
