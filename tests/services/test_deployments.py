@@ -187,11 +187,11 @@ def test_served_deployment_runs_here_skips_unchanged_data_and_keeps_its_schedule
         [parent] = _mlflow_parent_runs(mlflow_tracking, str(flow_run.id))
         assert _run_parent(mlflow_tracking, _champion(mlflow_tracking, model).run_id) == parent.info.run_id
 
-        # Same data again: skipped (no new MLflow run); the data digest on the last run is what decides.
+        # Same data again: skipped (no new MLflow run); data, config and code of the last run decide.
         again = _run_deployment()
         _assert_completed(again, log)
         assert _mlflow_parent_runs(mlflow_tracking, str(again.id)) == []
-        assert _flow_run_log_has(again.id, parent.data.tags["dataset_digest"])
+        assert _flow_run_log_has(again.id, "unchanged since the last run: nothing trained")
     finally:
         serving.send_signal(signal.SIGTERM)
         serving.wait(60)
