@@ -218,7 +218,7 @@ def _record_finished(
     with _scratch() as folder:
         model_path = trained.model.save(folder / f"{result.model}.npz")
         catalog_path = catalog.save(folder / "catalog.npz")
-        uri = serving.log_to_run(run_id, model_path, catalog_path, serving.input_example(catalog))
+        uri = serving.log_to_run(run_id, model_path, catalog_path)
     keys = [metric_key(m, config.k, v) for m in METRICS for v in ("", "all", "cold")]
     tags = {
         **ctx.lineage,

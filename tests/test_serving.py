@@ -50,7 +50,7 @@ def register_tiny(tmp_path: Path, name: str = "mfpipe-tiny", model: str = "pop")
     catalog = serving.Catalog.of(data)
     params = {"factors": 2, "iterations": 3} if model == "als" else None
     model_path = create(model, params, threads=1).fit(data).save(tmp_path / f"{model}.npz")
-    uri = serving.log_to_run(run, model_path, catalog.save(tmp_path / "catalog.npz"), serving.input_example(catalog))
+    uri = serving.log_to_run(run, model_path, catalog.save(tmp_path / "catalog.npz"))
     return store, tracking.register(store, name, uri, run, {"model": model})
 
 

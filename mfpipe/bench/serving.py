@@ -62,7 +62,7 @@ def register_champion(folder: Path, n_interactions: int, seed: int) -> tuple[str
     store = tracking.open_store(f"sqlite:///{folder / 'mlflow.db'}")
     run = tracking.start_run(store, tracking.experiment_id(store, train.name), "als", {})
     uri = serving.log_to_run(
-        run, model.save(folder / "als.npz"), catalog.save(folder / "catalog.npz"), serving.input_example(catalog)
+        run, model.save(folder / "als.npz"), catalog.save(folder / "catalog.npz")
     )
     version = tracking.register(store, NAME, uri, run, {"model": "als"})
     tracking.move_alias(store, NAME, tracking.CHAMPION, version, {"reason": "benchmark"})
