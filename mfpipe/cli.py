@@ -502,7 +502,7 @@ def _registered_model(dataset: str | None, config: Path | None) -> tuple[Any, st
         from mfpipe.data import dataset_name
 
         dataset = dataset_name(cfg.data)
-    return store, tracking.registered_model_name(dataset, cfg.registered_model)
+    return store, tracking.registered_model_name(dataset, cfg.split.protocol, cfg.registered_model)
 
 
 @app.command()
