@@ -149,7 +149,7 @@ def is_secret(name: str) -> bool:
     return re.search(r"PASSWORD|SECRET|AUTH_STRING", name) is not None
 
 
-def test_env_file(directory: Path, **settings: str) -> Path:
+def write_env_file(directory: Path, **settings: str) -> Path:
     """`docker/.env.example` with every empty (required) secret filled with a random one, plus `settings`."""
     values = read_env_file(ENV_EXAMPLE)
     user = values.get("MLFLOW_TRACKING_USERNAME") or "mfpipe"

@@ -29,7 +29,7 @@ RUN_TIMEOUT = 600
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.Stack]:
     """The stack from a `.env` made from docker/.env.example: random secrets, free host ports, small data."""
     workdir = tmp_path_factory.mktemp("compose")
-    env_file = harness.test_env_file(
+    env_file = harness.write_env_file(
         workdir,
         MFPIPE_PREFECT_PORT=str(services.free_port()),
         MFPIPE_MLFLOW_PORT=str(services.free_port()),
