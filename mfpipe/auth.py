@@ -11,6 +11,7 @@ about the file name keys, never values.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -28,6 +29,15 @@ KEYS = (
     "PREFECT_API_AUTH_STRING",
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
 )
+_PASSWORD_IN_URI = re.compile(r"(://[^:/@\s]+:)[^@/\s]*@")
+
+
+def mask_uri(uri: str) -> str:
+    """A URI fit for logs, errors, tags and reports: a password in it becomes ***
+    (`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`)."""
+    return _PASSWORD_IN_URI.sub(r"\1***@", uri)
+
+
 #: MLflow's own HTTP Basic check (the `basic-auth` app's default, written out so the INI is complete).
 MLFLOW_AUTHORIZATION_FUNCTION = "mlflow.server.auth:authenticate_request_basic_auth"
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from mfpipe import __version__
+from mfpipe.auth import mask_uri
 from mfpipe.errors import MfpipeError, one_line
 
 
@@ -310,7 +311,7 @@ def up(
     def ready(result: services.UpResult) -> None:
         prefect, mlflow = result.services
         typer.echo(f"Prefect UI  {prefect.url}    (API {services.prefect_api_url(prefect)})")
-        typer.echo(f"MLflow UI   {mlflow.url}    (store {services.redact_uri(store.uri)})")
+        typer.echo(f"MLflow UI   {mlflow.url}    (store {mask_uri(store.uri)})")
         typer.echo(f"Both answered in {result.seconds_to_healthy:.1f} s. In another shell:")
         typer.echo(f"  export PREFECT_API_URL={services.prefect_api_url(prefect)}")
         if credentials is not None:  # the file's path, never its secrets
@@ -575,7 +576,7 @@ def champion(dataset: DatasetOpt = None, json_: JsonOpt = False, config: ConfigF
     with tracking.tracking_errors(store):
         shown = {a: tracking.alias_version(store, name, a) for a in (tracking.CHAMPION, tracking.CHALLENGER)}
     if shown[tracking.CHAMPION] is None:
-        raise MfpipeError(f"{name}: no champion yet in {store.uri} (run `mfpipe run` first)")
+        raise MfpipeError(f"{name}: no champion yet in {mask_uri(store.uri)} (run `mfpipe run` first)")
     if json_:
         typer.echo(json.dumps({"registered_model": name, **{a: _version_json(v) for a, v in shown.items()}}))
         return

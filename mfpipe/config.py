@@ -20,9 +20,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
 
+from mfpipe.auth import mask_uri
 from mfpipe.errors import MfpipeError
 
 ENV_PREFIX = "MFPIPE_"
@@ -73,7 +83,8 @@ class Config(_Section):
     seed: int = 42
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: str | None = None
-    tracking_uri: str | None = None
+    #: Secret, since a URI may carry a password: shown and serialised (flow parameters, reports) masked.
+    tracking_uri: SecretStr | None = None
     registered_model: str | None = None
     promotion_rule: Literal["significant", "strict"] = "significant"
     #: End early when the data digest equals the last finished run's (`mfpipe deploy --skip-unchanged`).
@@ -83,6 +94,15 @@ class Config(_Section):
     #: Largest population-stability index (ratings, activity) between the champion's training data and this
     #: run's at which a new champion may still be promoted; None: drift is reported, never blocks.
     drift_threshold: float | None = Field(None, gt=0)
+    #: Where `mfpipe deploy` points the alerts of scheduled runs (a run that failed or did not promote):
+    #: a URL that takes a JSON POST (Slack/Teams incoming webhook, a chat bot, an on-call hook). Secret,
+    #: since such URLs carry their token: never dumped, so it reaches no flow parameter, config hash or
+    #: report; the Prefect server keeps it in a Webhook block. None: no alerts (redeploying removes them).
+    alert_webhook_url: SecretStr | None = Field(None, exclude=True)
+
+    @field_serializer("tracking_uri", when_used="json")
+    def _masked_uri(self, uri: SecretStr | None) -> str | None:
+        return None if uri is None else mask_uri(uri.get_secret_value())
 
     @model_validator(mode="after")
     def _one_seed(self) -> Config:

@@ -9,7 +9,6 @@ the parent, which then stops them in order (SIGTERM, wait, SIGKILL only after a 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -241,11 +240,6 @@ def mlflow_server(
 def prefect_api_url(service: Service) -> str:
     """What clients put in PREFECT_API_URL."""
     return f"{service.url}/api"
-
-
-def redact_uri(uri: str) -> str:
-    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`, for printing a store URI."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", uri)
 
 
 def watch(services: Sequence[Service], poll: float = 0.5) -> None:

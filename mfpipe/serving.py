@@ -39,6 +39,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from mfpipe import pyfunc_model
+from mfpipe.auth import mask_uri
 from mfpipe.errors import MfpipeError, one_line
 from mfpipe.models import load as load_model
 from mfpipe.models.base import FactorModel, Recommender
@@ -213,7 +214,7 @@ def champion_version_uri(store: Store, name: str) -> str:
     with tracking.tracking_errors(store):
         champion = tracking.alias_version(store, name, tracking.CHAMPION)
     if champion is None:
-        raise MfpipeError(f"{name}: no champion yet in {store.uri} (run `mfpipe run` first)")
+        raise MfpipeError(f"{name}: no champion yet in {mask_uri(store.uri)} (run `mfpipe run` first)")
     return f"models:/{name}/{champion.version}"
 
 

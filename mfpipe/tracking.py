@@ -30,7 +30,9 @@ import platformdirs
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import SecretStr
 
+from mfpipe.auth import mask_uri
 from mfpipe.errors import MfpipeError, TransientError, is_transient, one_line
 
 # No per-log_model warnings (CloudPickle, "pip version" in uv venvs) drowning the leaderboard; errors still show.
@@ -41,7 +43,6 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"
 _SQLITE = re.compile(r"^sqlite:///(?P<path>.+)$")
-_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@/\s]+@")
 
 
 # -- store ------------------------------------------------------------------------------------------
@@ -61,24 +62,25 @@ class Store:
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def ui_url(self) -> str:
-        """Base URL of the MLflow UI for links (a local store is shown by `mlflow ui`)."""
-        return self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else MLFLOW_UI_URL
+        """Base URL of the MLflow UI for links (a local store is shown by `mlflow ui`), never with a password."""
+        return mask_uri(self.uri.rstrip("/")) if self.uri.startswith(("http://", "https://")) else MLFLOW_UI_URL
 
     def run_link(self, experiment_id: str, run_id: str) -> str:
         """A run's page; the query opens the training view (MLflow 3 defaults a new browser to its GenAI view)."""
-        return f"{masked(self.ui_url())}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+        return f"{self.ui_url()}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.uri}" if self.local else f"open {self.ui_url()}"
+        return f"mlflow ui --backend-store-uri {mask_uri(self.uri)}" if self.local else f"open {self.ui_url()}"
 
 
-def resolve_uri(config_uri: str | None = None, environ: dict[str, str] | None = None) -> str:
+def resolve_uri(config_uri: str | SecretStr | None = None, environ: dict[str, str] | None = None) -> str:
     """config.tracking_uri > MLFLOW_TRACKING_URI > the default local store."""
     env = os.environ if environ is None else environ
-    return config_uri or env.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    given = config_uri.get_secret_value() if isinstance(config_uri, SecretStr) else config_uri
+    return given or env.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def open_store(config_uri: str | None = None) -> Store:
+def open_store(config_uri: str | SecretStr | None = None) -> Store:
     """Resolve the store, make a local one absolute (workers may run elsewhere) and point MLflow at it."""
     uri = resolve_uri(config_uri)
     match = _SQLITE.match(uri)
@@ -116,11 +118,6 @@ def _create_schema_once(store: Store) -> None:
             _SCHEMA_READY.add(store.uri)
 
 
-def masked(uri: str) -> str:
-    """A URI fit for logs, errors, tags and reports: any password in it replaced by ***."""
-    return _PASSWORD.sub(r"\1***@", uri)
-
-
 @contextmanager
 def tracking_errors(store: Store) -> Iterator[None]:
     """An unreachable or broken tracking store becomes one MfpipeError line (exit 1: the run failed).
@@ -131,7 +128,8 @@ def tracking_errors(store: Store) -> Iterator[None]:
         yield
     except (MlflowException, OSError) as exc:
         kind = TransientError if is_transient(exc) or _unreachable(exc) else MfpipeError
-        raise kind(f"MLflow store {masked(store.uri)}: {masked(one_line(exc))}", exit_code=1) from exc
+        # from None: the chained MLflow error spells out the URL, password included, in every traceback.
+        raise kind(f"MLflow store {mask_uri(store.uri)}: {mask_uri(one_line(exc))}", exit_code=1) from None
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mfpipe import services
+from mfpipe.auth import mask_uri
 from mfpipe.errors import MfpipeError
 
 
@@ -97,5 +98,5 @@ def test_mlflow_auth_adds_the_basic_auth_app() -> None:
 
 
 def test_a_printed_store_uri_hides_its_password() -> None:
-    assert services.redact_uri("postgresql://mlops:s3cr:et@db:5432/mlflow") == "postgresql://mlops:***@db:5432/mlflow"
-    assert services.redact_uri("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
+    assert mask_uri("postgresql://mlops:s3cr:et@db:5432/mlflow") == "postgresql://mlops:***@db:5432/mlflow"
+    assert mask_uri("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
