@@ -124,12 +124,16 @@ def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: C
 
 def train_all(split: Split, config: Config) -> tuple[dict[str, training.Trained], dict[str, str]]:
     """One training task per model, all at once, sharing the cores; a failure never stops the others."""
-    budget = training.CoreBudget(config.threads, config.models)
-    get_run_logger().info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s)")
-    with _plumbing.task_runner(config, len(config.models)) as runner:
-        futures = {name: runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget})
-                   for name in config.models}  # fmt: skip
-        return _plumbing.gather(futures)
+    budget, logger = training.CoreBudget(config.threads, config.models), get_run_logger()
+    logger.info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s), {config.task_runner}")
+    progress = training.watch(budget, lambda now: logger.info("; ".join(f"{n}: {p}" for n, p in now.items())))
+    try:
+        with _plumbing.task_runner(config, len(config.models)) as runner:
+            futures = {name: runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget})
+                       for name in config.models}  # fmt: skip
+            return _plumbing.gather(futures)
+    finally:
+        progress.set()
 
 
 def evaluate_all(trained: dict[str, training.Trained], split: Split, config: Config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +55,34 @@ class CoreBudget:
                 if other not in LIGHT_MODELS:
                     model.threads = self.share()
 
+    def snapshot(self) -> dict[str, str]:
+        """Each model still training: where its loop is, its latest loss when it keeps one, its threads."""
+        with self._lock:
+            running = dict(self._training)
+        return {name: _describe(model) for name, model in running.items()}
+
     def __reduce__(self) -> tuple[Any, ...]:
         """A budget sent to another process (Dask) starts afresh there: cores are per machine."""
         return (CoreBudget, (self.cores, sorted(self._waiting)))
+
+
+def _describe(model: Recommender) -> str:
+    loss = model.history.get("epoch_loss") or []
+    tail = f", loss {loss[-1]:.4f}" if loss else ""
+    return f"{model.progress}{tail} ({model.threads} thread(s))"
+
+
+def watch(budget: CoreBudget, report: Callable[[dict[str, str]], None], every: float = 10.0) -> threading.Event:
+    """Call `report(budget.snapshot())` every `every` seconds until the returned event is set."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            if snapshot := budget.snapshot():
+                report(snapshot)
+
+    threading.Thread(target=loop, name="mfpipe-training-progress", daemon=True).start()
+    return stop
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 
@@ -60,3 +61,18 @@ def test_train_model_reports_divergence(parts):
 def test_train_model_returns_what_it_took(parts):
     trained = training.train_model("als", parts, load_config(), training.CoreBudget(2, ["als"]))
     assert trained.threads == 2 and trained.train_seconds > 0 and trained.params["factors"] > 0
+
+
+def test_progress_of_the_models_still_training_is_reported(parts):
+    budget = training.CoreBudget(2, ["bpr", "pop"])
+    bpr = create("bpr", {"epochs": 3, "eval_every": 1})
+    budget.start("bpr", bpr)
+    assert budget.snapshot() == {"bpr": "not started (2 thread(s))"}
+    bpr.fit(parts.train)
+    assert budget.snapshot()["bpr"].startswith("after epoch 2 of 3, loss ")  # the last check before the end
+    reports = []
+    stop = training.watch(budget, reports.append, every=0.05)
+    time.sleep(0.3)
+    stop.set()
+    budget.finish("bpr")
+    assert reports and set(reports[0]) == {"bpr"} and budget.snapshot() == {}

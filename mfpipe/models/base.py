@@ -64,6 +64,7 @@ class Recommender(ABC):
             where = ".".join(str(p) for p in err["loc"]) or "params"
             raise MfpipeError(f"{self.name}: invalid parameter '{where}': {err['msg']}") from None
         self.threads = threads
+        self.progress = "not started"  # where a running fit is, as its loop last said (check_deadline)
         self.seed = seed
         self.deadline: float | None = None
         self.seen: sp.csr_matrix | None = None
@@ -111,7 +112,9 @@ class Recommender(ABC):
         """Raise TrainingTimeout once the fit's deadline has passed; `progress` says where, e.g. "after epoch 3 of 10".
 
         Training loops call this between epochs/iterations: it is the only way to stop a fit that runs in a thread.
+        It also records `progress` (with the latest loss when the model keeps one) for whoever watches the fit.
         """
+        self.progress = progress
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise TrainingTimeout(f"{self.name}: stopped {progress}: over its time limit")
 
