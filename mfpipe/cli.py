@@ -373,6 +373,9 @@ def run(
     seed: Seed = None,
     task_runner: Annotated[TaskRunner | None, typer.Option("--task-runner", help="Where models train.")] = None,
     dask_address: Annotated[str | None, typer.Option("--dask-address", help="Dask scheduler, tcp://host:port.")] = None,
+    search: Annotated[
+        int | None, typer.Option("--search", help="Optuna trials per model on an inner split of train (default 0).")
+    ] = None,
     json_report: Annotated[Path | None, typer.Option("--json-report", help="Write the run report (JSON) here.")] = None,
     json_: Annotated[
         bool, typer.Option("--json", help="Print the run report (JSON) on stdout only; the run's logs go to stderr.")
@@ -387,7 +390,7 @@ def run(
     cfg = load_config(
         config,
         overrides={
-            "data": data, "models": models, "k": k, "seed": seed, "dask_address": dask_address,
+            "data": data, "models": models, "k": k, "seed": seed, "dask_address": dask_address, "search_trials": search,
             "task_runner": task_runner.value if task_runner else None, "data_options": data_options, "split": split,
         },
     )  # fmt: skip

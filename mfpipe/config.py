@@ -91,6 +91,9 @@ class Config(_Section):
     skip_unchanged: bool = False
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     train_timeout_seconds: float = Field(3600.0, gt=0)  # per model; a model over it is reported failed
+    #: Optuna trials per model on an inner temporal split of the train part (`mfpipe run --search N`); 0: the
+    #: tuned defaults. The best setting is refit on the whole train part; validation never chooses it.
+    search_trials: int = Field(0, ge=0)
     #: Largest population-stability index (ratings, activity) between the champion's training data and this
     #: run's at which a new champion may still be promoted; None: drift is reported, never blocks.
     drift_threshold: float | None = Field(None, gt=0)

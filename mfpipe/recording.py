@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfpipe import __version__, drift, serving, tracking
 from mfpipe.config import Config
@@ -30,6 +30,9 @@ from mfpipe.report import ModelResult, split_json
 from mfpipe.split import Split
 from mfpipe.tracking import Store
 from mfpipe.training import Trained
+
+if TYPE_CHECKING:
+    from mfpipe.models.search import SearchResult
 
 #: Tag that marks the parent run of a retrain (children carry `mlflow.parentRunId` instead).
 PARENT_ROLE = "mfpipe.role"
@@ -207,6 +210,8 @@ def _record_finished(
         tags={"status": "ok"},
     )
     tracking.log_curves(store, run_id, epoch_curves(trained.model.history))
+    if trained.search is not None:
+        record_search(ctx, run_id, trained.search)
     for part, context in ((split.train, "training"), (split.validation, "validation")):
         tracking.log_dataset(store, [run_id], f"{part.name} {context}", part.digest, config.data, len(part), context)
     store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
@@ -230,6 +235,26 @@ def _record_finished(
     result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
     result.registered_model = ctx.registered_model
     tracking.describe_version(store, ctx.registered_model, result.version, version_description(result, split))
+
+
+def record_search(ctx: RunContext, model_run_id: str, searched: SearchResult) -> None:
+    """Every trial of the model's search as a run nested under the model's child run, and search.json."""
+    store, key = ctx.store, metric_key("ndcg", searched.k)
+    mine = {"mlflow.parentRunId": model_run_id}
+    earlier = tracking.find_runs(store, ctx.experiment_id, mine)
+    done = {store.client().get_run(r).data.tags.get("trial") for r in earlier}
+    for trial in searched.trials:
+        if str(trial.number) in done:  # a retried record task: logged before
+            continue
+        tags = {"trial": trial.number, "state": trial.state, "error": trial.error, "model": searched.model}
+        run = tracking.start_run(store, ctx.experiment_id, f"{searched.model} trial {trial.number}", tags, model_run_id)
+        metrics = {f"inner_{key}": trial.value, "seconds": trial.seconds} if trial.value is not None else {}
+        tracking.log_values(store, run, metrics=metrics, params=trial.params)
+        epochs = sorted(trial.curve)
+        curve = {"epoch_ndcg_at_10": [trial.curve[e] for e in epochs], "eval_epoch": [float(e) for e in epochs]}
+        tracking.log_curves(store, run, epoch_curves(curve))
+        tracking.end_run(store, run, ok=trial.state != "failed")
+    tracking.log_json(store, model_run_id, searched.to_json(), "search/search.json")
 
 
 def version_description(result: ModelResult, split: Split) -> str:

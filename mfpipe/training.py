@@ -13,12 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfpipe.config import Config
 from mfpipe.models import create
 from mfpipe.models.base import Recommender
 from mfpipe.split import Split
+
+if TYPE_CHECKING:  # Optuna takes a second to import: only a search needs it
+    from mfpipe.models.search import SearchResult
 
 #: Models whose fit is too light to need a share of the cores.
 LIGHT_MODELS = frozenset({"pop"})
@@ -87,30 +90,51 @@ def watch(budget: CoreBudget, report: Callable[[dict[str, str]], None], every: f
 
 @dataclass
 class Trained:
-    """A fitted model and what it took to fit it."""
+    """A fitted model, what it took to fit it, and the search that chose its setting (`--search N`)."""
 
     name: str
     model: Recommender
     train_seconds: float
     threads: int
     params: dict[str, Any]
+    search: SearchResult | None = None
+
+
+def tune(name: str, split: Split, config: Config, budget: CoreBudget) -> SearchResult | None:
+    """`config.search_trials` Optuna trials on an inner temporal split of the train part (None: no search).
+
+    The popularity baseline has nothing to tune; the user's own `model_params` stay fixed.
+    """
+    if config.search_trials == 0 or name in LIGHT_MODELS:
+        return None
+    from mfpipe.models.search import search
+
+    return search(
+        name, split.train, config.search_trials, config.seed, config.k, threads=budget.share(),
+        trial_timeout=config.train_timeout_seconds, fixed=config.model_params.get(name),
+    )  # fmt: skip
 
 
 def train_model(name: str, split: Split, config: Config, budget: CoreBudget) -> Trained:
     """Fit one model on the train slice within its deadline, its threads taken from `budget`.
 
-    The validation truth is passed for models that record learning curves or stop early. A fit that
-    diverges (non-finite state) or overruns its deadline raises a one-line MfpipeError (exit 1).
+    With `--search N` the best setting of the search (never chosen on validation) is refit on the whole
+    train part. A fit that diverges (non-finite state) or overruns its deadline raises a one-line
+    MfpipeError (exit 1).
     """
     from threadpoolctl import threadpool_limits
 
-    model = create(name, config.model_params.get(name), seed=config.seed)
+    searched = tune(name, split, config, budget)
+    params = {**config.model_params.get(name, {}), **(searched.best_params if searched else {})}
+    model = create(name, params, seed=config.seed)
     threads = budget.start(name, model)
     started = time.perf_counter()
     try:
         with threadpool_limits(limits=threads, user_api="blas"):
-            model.fit(split.train, split.truth("validation"), deadline=time.monotonic() + config.train_timeout_seconds)
+            # Only the train slice: validation is what the candidate is scored and promoted on, so no model
+            # may see it while fitting (BPR early-stops on pairs it holds out of train itself).
+            model.fit(split.train, deadline=time.monotonic() + config.train_timeout_seconds)
     finally:
         budget.finish(name)
     seconds = time.perf_counter() - started
-    return Trained(name, model, seconds, threads, model.params.model_dump(mode="json"))
+    return Trained(name, model, seconds, threads, model.params.model_dump(mode="json"), searched)

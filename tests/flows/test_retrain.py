@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -162,3 +163,19 @@ def test_cli_recommend_champion_promote(first, store, monkeypatch):
     assert tracking.alias_version(s, NAME, tracking.CHAMPION).version == current
     both = runner.invoke(app, ["promote", "--dataset", "synthetic-20k"])
     assert isinstance(both.exception, MfpipeError) and both.exception.exit_code == 2
+
+
+def test_search_tunes_on_an_inner_split_and_logs_every_trial_nested(tmp_path):
+    store = f"sqlite:///{tmp_path / 's' / 'mlflow.db'}"
+    outcome = retrain(config(store, models=["als", "pop"], search_trials=3))
+    als = next(m for m in outcome.report["models"] if m["model"] == "als")
+    client = tracking.open_store(store).client()
+    trials = client.search_runs([client.get_run(als["run_id"]).info.experiment_id],
+                                f"tags.`mlflow.parentRunId` = '{als['run_id']}'")  # fmt: skip
+    assert sorted(int(t.data.tags["trial"]) for t in trials) == [0, 1, 2]
+    assert all("inner_ndcg_at_10" in t.data.metrics for t in trials if t.data.tags["state"] == "complete")
+    searched = client.download_artifacts(als["run_id"], "search/search.json", str(tmp_path))
+    best = json.loads(Path(searched).read_text())["best"]
+    run_params = client.get_run(als["run_id"]).data.params
+    logged = {key: value if isinstance(value, str) else json.dumps(value) for key, value in best["params"].items()}
+    assert all(run_params[key] == text for key, text in logged.items())  # the refit used the best setting
