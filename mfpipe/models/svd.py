@@ -33,6 +33,7 @@ import select
 import signal
 import sys
 import time
+from functools import cache
 from typing import Any, ClassVar, NoReturn
 
 import numpy as np
@@ -208,26 +209,128 @@ def _child_fit(algo: Any, trainset: Any, arrays: list[np.ndarray], write_end: in
         os._exit(code)
 
 
-def surprise_trainset(train: Interactions) -> Any:
-    """A Surprise trainset whose raw and inner ids are both our train indices.
+#: Ratings handed to Surprise's SGD loop per `tolist` call: big enough that the per-chunk overhead vanishes,
+#: small enough that the transient Python objects stay a few MB.
+ALL_RATINGS_CHUNK = 1 << 16
 
-    Built from our arrays directly: Surprise's `Dataset.load_from_df(...).build_full_trainset()` walks
-    the rows in Python and took longer than the SVD fit itself on 1M ratings. The rating scale (what
-    Surprise clips predictions to) is the train ratings' range.
+
+def surprise_trainset(train: Interactions) -> Any:
+    """A Surprise trainset whose raw and inner ids are both our train indices, backed by numpy arrays.
+
+    Surprise's own `Trainset` holds `ur` and `ir` as dicts of lists of (id, rating) tuples: about 300
+    bytes of Python objects per rating, twice (by user and by item), i.e. ~2.4 GB for 8M train ratings,
+    and the forked fit child copied those pages again as soon as its loop touched their reference
+    counts. Surprise's SVD reads only `all_ratings()`, `global_mean`, `n_users`, `n_items` and, to
+    predict, `knows_*`/`to_inner_*`/`rating_scale`; `_ArrayTrainset` serves those from the train arrays
+    (12-16 bytes per rating, none when the rows are already grouped by user) in the order Surprise's
+    dict layout gave, so the SGD visits the same ratings in the same order and the factors are the same.
+    `ur` and `ir` are still there, built on first use, for code that wants them (tests, other algorithms).
     """
+    return _array_trainset_type()(train.users, train.items, train.ratings, train.n_users, train.n_items)
+
+
+@cache
+def _array_trainset_type() -> type:
+    """`_ArrayRatings` + `surprise.Trainset`, made on first use and published as this module's
+    `_ArrayTrainset`, so a trainset pickles by reference (a Dask worker sends the fitted model back)."""
     import surprise
 
-    ratings = train.ratings.astype(np.float64)
-    return surprise.Trainset(
-        ur=_grouped(train.users, train.items, ratings, train.n_users),
-        ir=_grouped(train.items, train.users, ratings, train.n_items),
-        n_users=train.n_users,
-        n_items=train.n_items,
-        n_ratings=len(train),
-        rating_scale=(float(ratings.min()), float(ratings.max())),
-        raw2inner_id_users={i: i for i in range(train.n_users)},
-        raw2inner_id_items={i: i for i in range(train.n_items)},
-    )
+    cls = type("_ArrayTrainset", (_ArrayRatings, surprise.Trainset), {"__module__": __name__})
+    globals()["_ArrayTrainset"] = cls
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    """Unpickling an `_ArrayTrainset` in a fresh process finds the class here."""
+    if name == "_ArrayTrainset":
+        return _array_trainset_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _by_user(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows grouped by user in row order (a stable sort), without a copy when they already are."""
+    if len(users) < 2 or bool(np.all(users[1:] >= users[:-1])):
+        return users, items, ratings
+    order = np.argsort(users, kind="stable")
+    return users[order], items[order], ratings[order]
+
+
+class _ArrayRatings:
+    """The part of `surprise.Trainset` over numpy arrays (see `surprise_trainset`); inner id = raw id = index.
+
+    A mixin placed before `surprise.Trainset` (in `_array_trainset_type`) so Surprise stays a lazy import.
+    """
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, n_users: int, n_items: int
+                 ) -> None:  # fmt: skip
+        # not Trainset.__init__: it stores ur/ir, which are lazy properties here
+        self._rows = (users, items, ratings)  # row order, for `ir` (references: no copy)
+        self._users, self._items, self._ratings = _by_user(users, items, ratings)
+        self.n_users, self.n_items, self.n_ratings = int(n_users), int(n_items), len(users)
+        self.rating_scale = (float(ratings.min()), float(ratings.max())) if len(ratings) else (0.0, 0.0)
+        self._global_mean = None
+        self._ur: dict[int, list[tuple[int, float]]] | None = None
+        self._ir: dict[int, list[tuple[int, float]]] | None = None
+
+    def all_ratings(self) -> Any:
+        """(user, item, rating) as Python int, int, float, in user order then row order (Surprise's own)."""
+        users, items, ratings = self._users, self._items, self._ratings
+        for s in range(0, self.n_ratings, ALL_RATINGS_CHUNK):
+            e = s + ALL_RATINGS_CHUNK
+            chunk = ratings[s:e].astype(np.float64).tolist()
+            yield from zip(users[s:e].tolist(), items[s:e].tolist(), chunk, strict=True)
+
+    @property
+    def global_mean(self) -> float:
+        """Surprise's value: np.mean over the ratings in `all_ratings` order (float64, same summation)."""
+        if self._global_mean is None:
+            self._global_mean = np.mean(self._ratings.astype(np.float64))
+        return self._global_mean
+
+    @property
+    def ur(self) -> dict[int, list[tuple[int, float]]]:
+        if self._ur is None:
+            self._ur = _grouped(self._users, self._items, self._ratings.astype(np.float64), self.n_users)
+        return self._ur
+
+    @property
+    def ir(self) -> dict[int, list[tuple[int, float]]]:
+        if self._ir is None:
+            users, items, ratings = self._rows
+            self._ir = _grouped(items, users, ratings.astype(np.float64), self.n_items)
+        return self._ir
+
+    def _inner(self, raw: Any, n: int, what: str) -> int:
+        if isinstance(raw, int | np.integer) and not isinstance(raw, bool) and 0 <= raw < n:
+            return int(raw)
+        raise ValueError(f"{what} {raw} is not part of the trainset.")
+
+    def knows_user(self, uid: Any) -> bool:
+        """Every train index has a rating (the train part's maps are compact), unknown ids are strings."""
+        return isinstance(uid, int | np.integer) and not isinstance(uid, bool) and 0 <= uid < self.n_users
+
+    def knows_item(self, iid: Any) -> bool:
+        return isinstance(iid, int | np.integer) and not isinstance(iid, bool) and 0 <= iid < self.n_items
+
+    def to_inner_uid(self, ruid: Any) -> int:
+        return self._inner(ruid, self.n_users, "User")
+
+    def to_inner_iid(self, riid: Any) -> int:
+        return self._inner(riid, self.n_items, "Item")
+
+    def to_raw_uid(self, iuid: Any) -> int:
+        return self._inner(iuid, self.n_users, "User")
+
+    def to_raw_iid(self, iiid: Any) -> int:
+        return self._inner(iiid, self.n_items, "Item")
+
+    @property
+    def _raw2inner_id_users(self) -> dict[int, int]:
+        return {i: i for i in range(self.n_users)}
+
+    @property
+    def _raw2inner_id_items(self) -> dict[int, int]:
+        return {i: i for i in range(self.n_items)}
 
 
 def _grouped(keys: np.ndarray, others: np.ndarray, ratings: np.ndarray, n: int) -> dict[int, list[tuple[int, float]]]:
