@@ -58,6 +58,31 @@ def test_train_model_reports_divergence(parts):
     assert caught.value.exit_code == 1
 
 
+@pytest.mark.parametrize("name", ["svd", "als", "bpr", "pop"])
+def test_train_model_fits_on_the_train_slice_only(parts, monkeypatch, name):
+    """Validation is what candidates are scored and promoted on: no model may see it while fitting."""
+    calls = []
+    real = training.create
+
+    def spying(*args, **kwargs):
+        model = real(*args, **kwargs)
+        fit = model.fit
+
+        def recorded_fit(*fit_args, **fit_kwargs):
+            calls.append((fit_args, fit_kwargs))
+            return fit(*fit_args, **fit_kwargs)
+
+        monkeypatch.setattr(model, "fit", recorded_fit)
+        return model
+
+    monkeypatch.setattr(training, "create", spying)
+    quick = {"bpr": {"epochs": 2}, "als": {"iterations": 1}, "svd": {"n_epochs": 1}}.get(name, {})
+    config = load_config(overrides={"model_params": {name: quick}})
+    training.train_model(name, parts, config, training.CoreBudget(1, [name]))
+    ((args, kwargs),) = calls
+    assert args == (parts.train,) and set(kwargs) == {"deadline"}
+
+
 def test_train_model_returns_what_it_took(parts):
     trained = training.train_model("als", parts, load_config(), training.CoreBudget(2, ["als"]))
     assert trained.threads == 2 and trained.train_seconds > 0 and trained.params["factors"] > 0
@@ -65,7 +90,7 @@ def test_train_model_returns_what_it_took(parts):
 
 def test_progress_of_the_models_still_training_is_reported(parts):
     budget = training.CoreBudget(2, ["bpr", "pop"])
-    bpr = create("bpr", {"epochs": 3, "eval_every": 1})
+    bpr = create("bpr", {"epochs": 3, "eval_every": 1, "early_stopping": False})  # no refit: 2 checks
     budget.start("bpr", bpr)
     assert budget.snapshot() == {"bpr": "not started (2 thread(s))"}
     bpr.fit(parts.train)

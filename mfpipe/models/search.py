@@ -11,9 +11,10 @@ estimate.
 - The sampler is TPE seeded with `seed`; with deterministic models (pop, svd, als on one thread, bpr with
   `deterministic=True`) the same call gives the same trials and the same best setting.
 - Pruning: a model that records a learning curve during its fit (BPR's `epoch_ndcg_at_10` at
-  `eval_epoch`, measured on the inner validation matrix it is given for early stopping) reports each new
-  point to Optuna from its between-epochs check (`check_deadline`, which every training loop calls), and
-  the pruner (median of the earlier trials at the same epoch) stops a losing fit there.
+  `eval_epoch`, measured on pairs its early stopping holds out of the inner train part: fits never see
+  the inner validation either) reports each new point to Optuna from its between-epochs check
+  (`check_deadline`, which every training loop calls), and the pruner (median of the earlier trials at
+  the same epoch) stops a losing fit there.
 - A trial that fails (diverged, over its time limit, an invalid combination) is recorded as failed and
   the search goes on; only a search in which no trial completed is an error.
 - `on_trial(number, params, value, state)` is called after every trial (state "complete", "pruned" or
@@ -213,12 +214,11 @@ def search(
     """Tune model `name` with `n_trials` Optuna TPE trials (seeded) on an inner temporal split of `train`.
 
     `train` is the train part of the outer split; its validation slice is not an argument and is never
-    used. Each trial fits on the inner train (the inner validation truth is passed for early stopping
-    and learning curves, as `train_model` does with the outer one) and is scored by warm-user NDCG@k on
-    the inner validation. `threads` is each fit's thread count (BLAS limited to the same), `trial_timeout`
-    (seconds) the deadline of each fit; `fixed` are params set on every trial and not searched (e.g.
-    `deterministic`, or `epochs`);
-    `pruner` defaults to a median pruner over learning curves. Returns every trial and the best.
+    used. Each trial fits on the inner train only (as `train_model` fits on the outer train only) and is
+    scored by warm-user NDCG@k on the inner validation. `threads` is each fit's thread count (BLAS
+    limited to the same), `trial_timeout` (seconds) the deadline of each fit; `fixed` are params set on
+    every trial and not searched (e.g. `deterministic`, or `epochs`); `pruner` defaults to a median
+    pruner over learning curves. Returns every trial and the best.
     """
     from threadpoolctl import threadpool_limits
 
@@ -230,7 +230,6 @@ def search(
         raise MfpipeError(f"--search needs at least 1 trial, got {n_trials}")
     create(name, fixed)  # an invalid fixed parameter is the caller's error, not a failed trial
     split = inner_split(train, inner)
-    truth = split.truth("validation")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
@@ -257,7 +256,7 @@ def search(
             pruning = _Pruning(model, trial, reported)
             deadline = None if trial_timeout is None else time.monotonic() + trial_timeout
             with threadpool_limits(limits=threads, user_api="blas"):
-                model.fit(split.train, truth, deadline=deadline)
+                model.fit(split.train, deadline=deadline)
             value = float(evaluate_model(model, split, k, seed=seed).warm["ndcg"].mean)
             if not np.isfinite(value):
                 raise MfpipeError(f"{name}: inner validation NDCG@{k} is undefined")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfpipe.errors import MfpipeError
-from mfpipe.models.bpr import BPR, Sampler, aligned_zeros
+from mfpipe.models.bpr import BPR, BPRParams, HeldOut, Sampler, aligned_zeros
 from mfpipe.models.popularity import Popularity
 from tests.models.conftest import make_interactions, planted
 
@@ -180,25 +180,91 @@ def test_popularity_sampling_follows_popularity_and_uniform_does_not() -> None:
     np.testing.assert_allclose(counts[False][1:] / 100_000, 1 / 49, atol=0.01)
 
 
-def test_early_stopping_stops_and_keeps_the_best_state(small) -> None:
-    # Relevant items exist only beyond the train catalogue (cold): NDCG stays 0, so patience runs out.
-    cold = sp.csr_matrix(
-        (np.ones(small.n_users, bool), (np.arange(small.n_users), np.full(small.n_users, small.n_items))),
-        shape=(small.n_users, small.n_items + 1),
-    )
-    model = BPR(seed=1, deterministic=True, epochs=100, eval_every=2, patience=3).fit(small, cold)
-    assert model.history["eval_epoch"] == [2.0, 4.0, 6.0, 8.0]
-    assert len(model.history["epoch_loss"]) == 8 and model.history["epoch_ndcg_at_10"] == [0.0] * 4
+class Poison:
+    """A validation argument that fails on any use: fitting must not read it at all."""
 
-    data, held_out = planted(n_users=200, n_items=80, per_user=12, seed=5)
-    truth = sp.csr_matrix((np.ones(len(held_out), bool), (np.arange(len(held_out)), held_out)), shape=data.matrix.shape)
-    model = BPR(seed=1, deterministic=True, epochs=60, eval_every=3, patience=2).fit(data, truth)
-    curve = model.history["epoch_ndcg_at_10"]
-    assert len(curve) >= 2 and max(curve) > 0
+    def __getattr__(self, name: str):
+        raise AssertionError(f"fit read the validation argument ({name})")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("fit converted the validation argument to an array")
+
+
+def test_fitting_never_reads_the_validation_argument(small) -> None:
+    """Adversarial validation (every user's 'relevant' items are the ones the model ranks last) or one that
+    fails when touched: the fit is the same, bit for bit, as without any."""
+    plain = fit(small, epochs=40, eval_every=2, patience=2)
+    assert plain.history["epoch_ndcg_at_10"]  # early stopping did run
+    worst = np.argsort(plain.score(np.arange(small.n_users)), axis=1)[:, :5]
+    adversarial = sp.csr_matrix(
+        (np.ones(worst.size, bool), (np.repeat(np.arange(small.n_users), 5), worst.ravel())), shape=small.matrix.shape
+    )
+    for validation in (adversarial, Poison()):
+        other = BPR(seed=7, deterministic=True, epochs=40, eval_every=2, patience=2).fit(small, validation)
+        for name in ("user_factors", "item_factors", "item_bias"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(plain, name))
+        assert other.history == plain.history
+
+
+def test_held_out_pairs_are_a_seeded_share_of_sampled_users_train_pairs() -> None:
+    data, _ = planted(n_users=120, n_items=60, per_user=10, seed=2)
+    params = BPRParams(eval_users=50, holdout_share=0.3)
+    held = HeldOut.from_train(data, params, seed=4)
+    assert held is not None and len(held.users) == 50 and np.all(np.diff(held.users) > 0)
+    seen = data.matrix.toarray() > 0
+    truth, remaining = held.truth.toarray() > 0, held.remaining.toarray() > 0
+    assert (truth.sum(axis=1) == 3).all()  # 30% of 10 distinct items, for every sampled user
+    assert not (truth & remaining[held.users]).any()  # held out means not sampled
+    np.testing.assert_array_equal(remaining[held.users] | truth, seen[held.users])
+    others = np.setdiff1d(np.arange(data.n_users), held.users)
+    np.testing.assert_array_equal(remaining[others], seen[others])  # users not sampled keep every pair
+    again = HeldOut.from_train(data, params, seed=4)
+    np.testing.assert_array_equal(again.users, held.users)
+    np.testing.assert_array_equal(again.truth.toarray(), held.truth.toarray())
+
+
+def test_latest_hold_out_takes_each_users_latest_pairs_at_least_one_never_all() -> None:
+    # user 0: 5 items, item 4 rated last; user 1: 2 items, item 0 last; user 2: one item (cannot give one).
+    data = make_interactions([0, 0, 0, 0, 0, 1, 1, 2], [0, 1, 2, 3, 4, 1, 0, 2], timestamps=[1, 2, 3, 4, 9, 5, 7, 8])
+    held = HeldOut.from_train(data, BPRParams(holdout="latest", holdout_share=0.2), seed=0)
+    assert held is not None
+    assert held.users.tolist() == [0, 1]
+    assert held.truth.toarray().astype(int).tolist() == [[0, 0, 0, 0, 1], [1, 0, 0, 0, 0]]
+    assert HeldOut.from_train(make_interactions([0, 1], [0, 1]), BPRParams(), seed=0) is None
+
+
+def test_early_stopping_stops_where_more_epochs_hurt_and_refits_that_many() -> None:
+    """No regularisation and no decay: held-out NDCG peaks after a few epochs and then falls. The fit stops
+    there, its final model is a plain fit of the chosen epochs on every pair (bit for bit), and it ranks
+    items the model never saw better than a fit that ran all its epochs."""
+    data, unseen = planted(n_users=200, n_items=80, per_user=12, seed=5)
+    params = {"eval_every": 2, "patience": 3, "learning_rate": 0.1, "lr_decay": 1.0, "reg_user": 0.0, "reg_item": 0.0}
+    model = fit(data, epochs=200, **params)
+    curve, evaluated = model.history["epoch_ndcg_at_10"], model.history["eval_epoch"]
+    chosen = int(evaluated[int(np.argmax(curve))])
+    assert evaluated[-1] == chosen + 2 * 3 < 200 and max(curve) > curve[-1]  # patience ran out
+    assert len(model.history["epoch_loss"]) == evaluated[-1] and len(model.history["refit_epoch_loss"]) == chosen
+    plain = fit(data, epochs=chosen, early_stopping=False, **params)
+    for name in ("user_factors", "item_factors", "item_bias"):
+        np.testing.assert_array_equal(getattr(model, name), getattr(plain, name))
+    full = fit(data, epochs=200, early_stopping=False, **params)
+    assert "epoch_ndcg_at_10" not in full.history and len(full.history["epoch_loss"]) == 200
+    truth = sp.csr_matrix((np.ones(len(unseen), bool), (np.arange(len(unseen)), unseen)), shape=data.matrix.shape)
     from mfpipe.evaluation import per_user_metrics
 
-    items, _ = model.recommend(np.arange(data.n_users), 10)
-    assert np.mean(per_user_metrics(items, truth, 10)["ndcg"]) == pytest.approx(max(curve))
+    def ndcg(m: BPR) -> float:
+        return float(np.mean(per_user_metrics(m.recommend(np.arange(data.n_users), 10)[0], truth, 10)["ndcg"]))
+
+    assert ndcg(model) > ndcg(full) + 0.03
+
+
+def test_a_flat_curve_runs_out_of_patience_and_a_single_evaluation_is_a_plain_fit(small) -> None:
+    # Learning rate ~0: the held-out NDCG never improves after the first evaluation.
+    model = fit(small, epochs=100, eval_every=2, patience=3, learning_rate=1e-12)
+    assert model.history["eval_epoch"] == [2.0, 4.0, 6.0, 8.0] and len(model.history["epoch_loss"]) == 8
+    assert len(model.history["refit_epoch_loss"]) == 2
+    single = fit(small, epochs=5, eval_every=5)  # one evaluation would choose nothing: no early stopping
+    assert len(single.history["epoch_loss"]) == 5 and set(single.history) == {"epoch_loss", "epoch_auc"}
 
 
 def test_divergence_is_a_failed_run_and_threads_are_restored(small) -> None:
