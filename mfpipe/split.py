@@ -138,11 +138,15 @@ def _extend(base: np.ndarray, idx: np.ndarray, size: int) -> tuple[np.ndarray, n
 
     Returns the extended order (full-data index of each new index) and `idx` in the new space.
     """
-    lookup = np.full(size, -1, np.int64)
-    lookup[base] = np.arange(len(base))
-    new = np.unique(idx[lookup[idx] < 0])
-    lookup[new] = len(base) + np.arange(len(new))
-    return np.concatenate([base, new]), lookup[idx].astype(np.int32)
+    # int32 lookups and a presence mask instead of np.unique: O(rows) without sorting the part's rows
+    # (the new ids come out in the same ascending order np.unique gives)
+    lookup = np.full(size, -1, np.int32)
+    lookup[base] = np.arange(len(base), dtype=np.int32)
+    present = np.zeros(size, bool)
+    present[idx[lookup[idx] < 0]] = True
+    new = np.flatnonzero(present)
+    lookup[new] = len(base) + np.arange(len(new), dtype=np.int32)
+    return np.concatenate([base, new]), lookup[idx]
 
 
 def _part(
@@ -267,7 +271,7 @@ def split_interactions(data: Interactions, options: SplitOptions) -> Split:
         test, _, _ = _part(data, assignment == 2, train_users, train_items)
         test_relevant = _relevant(test, threshold)
     warm = validation.users < train.n_users
-    evaluable = len(np.unique(validation.users[relevant & warm]))
+    evaluable = int(np.count_nonzero(np.bincount(validation.users[relevant & warm], minlength=1)))
     if evaluable == 0:
         raise MfpipeError(
             f"{_label(data)}: the {options.protocol} split ({where}) leaves no evaluable user (no train user has a "
