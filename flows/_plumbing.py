@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -109,7 +110,9 @@ def promotion_slot(registered_model: str) -> Iterator[None]:
     """One promotion of `registered_model` at a time across hosts: a Prefect global concurrency limit.
 
     Only with a Prefect server (PREFECT_API_URL): the ephemeral API lives in this process, where the
-    library's file lock already serialises promotions on this host.
+    library's file lock already serialises promotions on this host. The run's log says when the slot
+    was taken (and how long the run waited for another's promotion) and when it is given back: both
+    lines fall inside the held slot, so the logs of two runs show that their promotions did not overlap.
     """
     from prefect.settings import PREFECT_API_URL
 
@@ -118,9 +121,20 @@ def promotion_slot(registered_model: str) -> Iterator[None]:
         return
     from prefect import get_client
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import MissingContextError
 
     name = f"mfpipe-promote-{registered_model}"
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    try:
+        logger: logging.Logger | logging.LoggerAdapter = get_run_logger()  # its lines reach the Prefect API
+    except MissingContextError:  # called outside a flow or task run
+        logger = logging.getLogger("mfpipe.promotion")
+    asked = time.monotonic()
     with concurrency(name, occupy=1, timeout_seconds=PROMOTION_WAIT_SECONDS, strict=True):
-        yield
+        taken = time.monotonic()
+        logger.info(f"Promotion slot {name} taken after waiting {taken - asked:.1f} s")
+        try:
+            yield
+        finally:
+            logger.info(f"Promotion slot {name} released after {time.monotonic() - taken:.1f} s")

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import _plumbing
+from flows import _plumbing, deploy
 from mfpipe import prepare, promotion, recording, report, tracking, training
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
@@ -100,6 +100,8 @@ def promote(ctx: RunContext, results: list[ModelResult], split: Split, config: C
     with _plumbing.promotion_slot(ctx.registered_model):
         decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config)
     recording.record_decision(ctx, decision)
+    if not decision.promoted:
+        deploy.emit_not_promoted(decision)  # the trigger of the deployment's not-promoted alert
     if decision.drift is not None:
         create_markdown_artifact(drift_markdown(decision.drift), key="drift")
     get_run_logger().info(f"Promotion: {decision.reason}")

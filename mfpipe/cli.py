@@ -268,19 +268,35 @@ def deploy(
     skip_unchanged: Annotated[
         bool, typer.Option("--skip-unchanged", help="Skip a run when the data digest equals the last run's.")
     ] = False,
+    alert_webhook_url: Annotated[
+        str | None,
+        typer.Option(
+            "--alert-webhook-url",
+            help="POST a JSON alert here when a run fails or does not promote (or MFPIPE_ALERT_WEBHOOK_URL).",
+        ),
+    ] = None,
     config: ConfigFile = None,
 ) -> None:
     """Deployment retrain/scheduled: serve it here (Ctrl-C stops), or register it for `prefect worker start`."""
     from flows import deploy as deployment
     from mfpipe.config import load_config
 
-    cfg = load_config(config, overrides={"data": data, "models": models, "skip_unchanged": skip_unchanged or None})
+    overrides = {"data": data, "models": models, "skip_unchanged": skip_unchanged or None,
+                 "alert_webhook_url": alert_webhook_url}  # fmt: skip
+    cfg = load_config(config, overrides=overrides)
+
+    def alerts(deployed: deployment.Deployed) -> None:
+        # Never the URL itself: it carries the webhook's token.
+        state = "on failed / not promoted runs" if deployed.alerts else "off (no alert_webhook_url)"
+        typer.echo(f"Alerts: {state}" + (f" ({', '.join(deployed.alerts)})" if deployed.alerts else ""))
+
     if work_pool is None:
         typer.echo(f"Serving retrain/scheduled (cron {cron!r}, {timezone}); Ctrl-C stops serving, the schedule stays.")
-        deployment.serve(cfg, cron, timezone)
+        deployment.serve(cfg, cron, timezone, on_ready=alerts)
         return
     deployed = deployment.register(cfg, cron, timezone, work_pool)
     typer.echo(f"Deployment {deployed.name} ({deployed.deployment_id}): cron {cron!r} {timezone}, pool {work_pool!r}")
+    alerts(deployed)
     typer.echo(f"Run it with a worker: prefect worker start --pool {work_pool}")
 
 
