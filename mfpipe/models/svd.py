@@ -63,7 +63,7 @@ class SVD(FactorModel):
     Params: ClassVar[type[ModelParams]] = SVDParams
     params: SVDParams
 
-    def _fit(self, train: Interactions, validation: Any = None) -> None:
+    def _fit(self, train: Interactions) -> None:
         import surprise
 
         if train.ratings is None:
@@ -76,6 +76,7 @@ class SVD(FactorModel):
         else:
             self.algo.fit(trainset)
         self._import_parameters(trainset)
+        trainset.release_rows()  # predict needs only sizes, scale and mean; a Dask worker sends the model back
 
     def _fit_in_child(self, trainset: Any) -> list[np.ndarray]:
         """Surprise's fit in a forked child, killed at the deadline; returns its bu, bi, pu, qi."""
@@ -272,9 +273,21 @@ class _ArrayRatings:
         self._ur: dict[int, list[tuple[int, float]]] | None = None
         self._ir: dict[int, list[tuple[int, float]]] | None = None
 
+    def release_rows(self) -> None:
+        """Drop the references to the rows once the fit is done: `predict` reads only sizes, scale and mean
+        (kept), and a fitted model pickled back from a Dask worker should not carry its train set."""
+        _ = self.global_mean
+        self._rows = self._users = self._items = self._ratings = None
+        self._ur = self._ir = None
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._users is None:
+            raise RuntimeError("this trainset's rows were released after the fit (see release_rows)")
+        return self._users, self._items, self._ratings
+
     def all_ratings(self) -> Any:
         """(user, item, rating) as Python int, int, float, in user order then row order (Surprise's own)."""
-        users, items, ratings = self._users, self._items, self._ratings
+        users, items, ratings = self._arrays()
         for s in range(0, self.n_ratings, ALL_RATINGS_CHUNK):
             e = s + ALL_RATINGS_CHUNK
             chunk = ratings[s:e].astype(np.float64).tolist()
@@ -290,12 +303,14 @@ class _ArrayRatings:
     @property
     def ur(self) -> dict[int, list[tuple[int, float]]]:
         if self._ur is None:
-            self._ur = _grouped(self._users, self._items, self._ratings.astype(np.float64), self.n_users)
+            users, items, ratings = self._arrays()
+            self._ur = _grouped(users, items, ratings.astype(np.float64), self.n_users)
         return self._ur
 
     @property
     def ir(self) -> dict[int, list[tuple[int, float]]]:
         if self._ir is None:
+            self._arrays()
             users, items, ratings = self._rows
             self._ir = _grouped(items, users, ratings.astype(np.float64), self.n_items)
         return self._ir
