@@ -67,7 +67,8 @@ def synthetic_frame(data: Interactions) -> pd.DataFrame:
             "item_id": pd.Series(pc.take(pa.array(data.item_ids), pa.array(data.items)), dtype="str"),
             "rating": data.ratings.astype(np.float64),
             "timestamp": data.timestamps.astype(np.float64),
-        }
+        },
+        copy=False,  # the fresh float64 columns as they are: consolidating them into one block copied both
     )
     frame.attrs.update(name=data.name, source=data.source, titles=data.titles)
     return frame
