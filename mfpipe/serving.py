@@ -23,6 +23,7 @@ import http.server
 import json
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -139,13 +140,15 @@ def log_pyfunc(model_path: Path, catalog_path: Path) -> Any:
     Fast on purpose: pip requirements are given (no inference) and there is no input example, whose
     validation loads and calls the model again (~3.6 s per model); the signature documents the input.
     """
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(MODEL_CODE),
-        artifacts={"model": str(model_path), "catalog": str(catalog_path)},
-        signature=SIGNATURE,
-        pip_requirements=pip_requirements(),
-    )
+    with warnings.catch_warnings():  # it would advise an input example on stderr for every candidate
+        warnings.filterwarnings("ignore", message="An input example was not provided")
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"model": str(model_path), "catalog": str(catalog_path)},
+            signature=SIGNATURE,
+            pip_requirements=pip_requirements(),
+        )
 
 
 def log_to_run(run_id: str, model_path: Path, catalog_path: Path) -> str:

@@ -150,7 +150,7 @@ class ImplicitALS(FactorModel):
 
     name: ClassVar[str] = "test-implicit-als"
 
-    def _fit(self, train, validation=None) -> None:
+    def _fit(self, train) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
 
         self.peer = AlternatingLeastSquares(factors=16, iterations=4, random_state=0, num_threads=1)

@@ -142,13 +142,14 @@ def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable
     fitted: dict[str, FactorModel] = {}
 
     def ours() -> None:
-        fitted["ours"] = BPR(threads=threads, seed=seed, epochs=case.epochs, negative_candidates=1).fit(train)
+        ours = BPR(threads=threads, seed=seed, epochs=case.epochs, negative_candidates=1, early_stopping=False)
+        fitted["ours"] = ours.fit(train)
 
     def peer() -> None:
         fitted["peer"] = ImplicitBPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
 
     def ours_defaults() -> None:
-        fitted["defaults"] = BPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
+        fitted["defaults"] = BPR(threads=threads, seed=seed, epochs=case.epochs, early_stopping=False).fit(train)
 
     sampler = Sampler(train.matrix, popularity=False)  # what ours samples from (uniform negatives)
 

@@ -64,7 +64,7 @@ class ALS(FactorModel):
             random_state=self.seed,
         )
 
-    def _fit(self, train: Interactions, validation: Any = None) -> None:
+    def _fit(self, train: Interactions) -> None:
         """implicit 0.7.3 calls `callback` after every iteration and passes `num_threads` to each solver call:
         raising from the callback stops the fit, and setting `num_threads` there applies to the next iteration."""
         model = self.implicit_model()

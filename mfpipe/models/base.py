@@ -73,8 +73,8 @@ class Recommender(ABC):
 
     # -- what each model provides -------------------------------------------------------------------
     @abstractmethod
-    def _fit(self, train: Interactions, validation: Any = None) -> None:
-        """Learn the model's state from train (validation, when given, is for early stopping)."""
+    def _fit(self, train: Interactions) -> None:
+        """Learn the model's state from train (only: no fit ever sees a validation slice)."""
 
     @abstractmethod
     def score(self, users: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ class Recommender(ABC):
         """Restore what `_state` returned."""
 
     # -- shared behaviour ---------------------------------------------------------------------------
-    def fit(self, train: Interactions, validation: Any = None, deadline: float | None = None) -> Self:
+    def fit(self, train: Interactions, deadline: float | None = None) -> Self:
         """Learn from train; past `deadline` (a `time.monotonic()` instant) the fit raises TrainingTimeout.
 
         A fit that times out or diverges leaves the model unfitted, so no half-trained state is served.
@@ -101,7 +101,7 @@ class Recommender(ABC):
         self.seen = train.matrix
         self.popularity = np.bincount(train.items, minlength=train.n_items).astype(np.float32)
         try:
-            self._fit(train, validation)
+            self._fit(train)
             self._check_finite()
         except BaseException:
             self.seen = None

@@ -27,7 +27,7 @@ untested choice; the refit trains exactly the
 model a fixed-epoch fit of the chosen length would (bit for bit in deterministic mode), at the cost of
 one more fit of at most `epochs` epochs. Early stopping is skipped (a plain fit of `epochs` epochs on
 everything) with `early_stopping=False`, when `epochs <= eval_every` (one evaluation chooses nothing),
-or when no user has two train interactions. `fit`'s `validation` argument is ignored.
+or when no user has two train interactions.
 
 Learning curves land in `history`: `epoch_loss` (mean -ln sigmoid(x_uij) of the sampled triples),
 `epoch_auc` (share of sampled triples ranked right before their update: a sampled training AUC,
@@ -39,7 +39,7 @@ samples, NDCG@10 on the held-out train pairs (never on validation); the refit's 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numba
 import numpy as np
@@ -168,7 +168,7 @@ class BPR(FactorModel):
         self.item_factors[:] = rng.normal(0.0, self.params.init_std, (n_items, k))
         self.item_bias = np.zeros(n_items, np.float32)
 
-    def _fit(self, train: Interactions, validation: Any = None) -> None:
+    def _fit(self, train: Interactions) -> None:
         """Early-stop on held-out train pairs, then refit on every pair (module docstring); `validation` is ignored.
 
         It is accepted only because the protocol has it: nothing of it reaches this model, so its score on

@@ -8,7 +8,7 @@ then by the lower item index, so a short window never degenerates into index ord
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -32,7 +32,7 @@ class Popularity(Recommender):
     Params: ClassVar[type[ModelParams]] = PopularityParams
     params: PopularityParams
 
-    def _fit(self, train: Interactions, validation: Any = None) -> None:
+    def _fit(self, train: Interactions) -> None:
         keep = np.ones(len(train), bool)
         if self.params.window_days is not None:
             end = int(train.timestamps.max())

@@ -44,7 +44,7 @@ def test_bad_data_fails_the_flow_run_with_its_reason_and_writes_nothing(store, t
 def test_each_kind_of_model_failure_leaves_the_others_to_promote(store, monkeypatch):
     from mfpipe.models import svd
 
-    def broken(self, train, validation=None):
+    def broken(self, train):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(svd.SVD, "_fit", broken)

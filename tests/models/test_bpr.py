@@ -180,32 +180,6 @@ def test_popularity_sampling_follows_popularity_and_uniform_does_not() -> None:
     np.testing.assert_allclose(counts[False][1:] / 100_000, 1 / 49, atol=0.01)
 
 
-class Poison:
-    """A validation argument that fails on any use: fitting must not read it at all."""
-
-    def __getattr__(self, name: str):
-        raise AssertionError(f"fit read the validation argument ({name})")
-
-    def __array__(self, *args, **kwargs):
-        raise AssertionError("fit converted the validation argument to an array")
-
-
-def test_fitting_never_reads_the_validation_argument(small) -> None:
-    """Adversarial validation (every user's 'relevant' items are the ones the model ranks last) or one that
-    fails when touched: the fit is the same, bit for bit, as without any."""
-    plain = fit(small, epochs=40, eval_every=2, patience=2)
-    assert plain.history["epoch_ndcg_at_10"]  # early stopping did run
-    worst = np.argsort(plain.score(np.arange(small.n_users)), axis=1)[:, :5]
-    adversarial = sp.csr_matrix(
-        (np.ones(worst.size, bool), (np.repeat(np.arange(small.n_users), 5), worst.ravel())), shape=small.matrix.shape
-    )
-    for validation in (adversarial, Poison()):
-        other = BPR(seed=7, deterministic=True, epochs=40, eval_every=2, patience=2).fit(small, validation)
-        for name in ("user_factors", "item_factors", "item_bias"):
-            np.testing.assert_array_equal(getattr(other, name), getattr(plain, name))
-        assert other.history == plain.history
-
-
 def test_held_out_pairs_are_a_seeded_share_of_sampled_users_train_pairs() -> None:
     data, _ = planted(n_users=120, n_items=60, per_user=10, seed=2)
     params = BPRParams(eval_users=50, holdout_share=0.3)

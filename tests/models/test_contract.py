@@ -8,7 +8,6 @@ from collections.abc import Callable
 import numba
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from mfpipe.config import MODEL_NAMES
 from mfpipe.errors import MfpipeError
@@ -129,14 +128,6 @@ def test_unknown_users_get_the_popularity_fallback(fitted: Recommender, small) -
     # The fallback follows item popularity: the most frequent train item comes first.
     counts = np.bincount(small.items, minlength=small.n_items)
     assert counts[items[0, 0]] == counts.max()
-
-
-def test_validation_matrix_wider_than_train_is_accepted(small) -> None:
-    wider = sp.random(small.n_users, small.n_items + 5, density=0.05, format="csr", random_state=0)
-    wider.data[:] = 1
-    for name in NAMES:
-        model = create(name, threads=1).fit(small, wider.astype(bool))
-        assert model.recommend(np.arange(3), 4)[0].shape == (3, 4)
 
 
 # -- tiny and degenerate data: a clear MfpipeError or a sensible result ------------------------------
@@ -289,7 +280,7 @@ def test_bpr_runs_each_epoch_chunk_on_the_current_threads(small, monkeypatch) ->
         return epochs(self, model, states, *args, **kwargs)
 
     monkeypatch.setattr(Sampler, "epochs", recording)
-    model = create("bpr", {"epochs": 3, "eval_every": 1}, threads=1)
+    model = create("bpr", {"epochs": 3, "eval_every": 1, "early_stopping": False}, threads=1)
     on_check(model, monkeypatch, lambda call: setattr(model, "threads", 2) if call == 2 else None)
     model.fit(small)
     more = min(2, numba.config.NUMBA_NUM_THREADS)  # a chunk never runs on more threads than numba has
@@ -303,8 +294,8 @@ def test_a_non_finite_learned_array_fails_the_fit(name: str, small, monkeypatch)
     learn = cls._fit
     poisoned: list[str] = []
 
-    def diverging(self, train, validation=None) -> None:
-        learn(self, train, validation)
+    def diverging(self, train) -> None:
+        learn(self, train)
         state = self._state()
         key = next(iter(state))
         values = np.array(state[key], np.float64)
