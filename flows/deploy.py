@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from mfpipe.auth import mask_uri
 from mfpipe.config import Config
 from mfpipe.errors import MfpipeError
 
@@ -80,9 +81,14 @@ def parameters(config: Config) -> dict[str, Any]:
     """The deployment's `config` parameter: only what the user set (file, MFPIPE_* env, flags).
 
     Defaults that depend on the machine (data cache folder, thread count) are left to the machine that
-    runs the flow.
+    runs the flow. A tracking URI that carries a password is left out too (the server would keep it, and
+    masked it is useless): workers then take `MLFLOW_TRACKING_URI` and MLflow's credential variables.
     """
-    return {"config": config.model_dump(mode="json", exclude_unset=True)}
+    values = config.model_dump(mode="json", exclude_unset=True)
+    uri = config.tracking_uri.get_secret_value() if config.tracking_uri else None
+    if uri is not None and mask_uri(uri) != uri:
+        values.pop("tracking_uri")
+    return {"config": values}
 
 
 def cron_schedule(cron: str, timezone: str) -> Any:

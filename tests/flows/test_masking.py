@@ -57,4 +57,7 @@ def test_a_failing_flow_shows_no_password_anywhere(uri, caplog, monkeypatch):
 def test_deployment_parameters_hold_no_password(uri):
     from flows import deploy
 
-    assert SECRET not in json.dumps(deploy.parameters(load_config(overrides={"tracking_uri": uri})))
+    stored = deploy.parameters(load_config(overrides={"tracking_uri": uri, "k": 5}))["config"]
+    assert "tracking_uri" not in stored and stored["k"] == 5  # workers use their own MLFLOW_TRACKING_URI
+    plain = deploy.parameters(load_config(overrides={"tracking_uri": "http://127.0.0.1:5000"}))["config"]
+    assert plain["tracking_uri"] == "http://127.0.0.1:5000"
