@@ -17,11 +17,11 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -98,6 +98,15 @@ class Split:
         m.sum_duplicates()
         m.sort_indices()
         return m
+
+    def __reduce__(self) -> Any:
+        """A split of data with a recipe (generated data) pickles as (recipe, options): the flow persists
+        its split result, and rebuilding is exact; any other split pickles its arrays."""
+        recipe = self.__dict__.get("_recipe")
+        if recipe is not None:
+            return (_rebuild_split, recipe)
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (_split_from_fields, (state,))
 
     def to_json(self) -> dict:
         """Exactly what split.json holds: the summary plus the split digest."""
@@ -301,7 +310,22 @@ def split_interactions(data: Interactions, options: SplitOptions) -> Split:
         relevant_cold_items=int(np.count_nonzero(relevant & (validation.items >= train.n_items))),
         warnings=warnings,
     )
-    return Split(train, validation, relevant, summary, test, test_relevant)
+    result = Split(train, validation, relevant, summary, test, test_relevant)
+    if data.recipe is not None:
+        object.__setattr__(result, "_recipe", (data.recipe, options))
+    return result
+
+
+def _rebuild_split(data_recipe: tuple[Any, tuple[Any, ...]], options: SplitOptions) -> Split:
+    """Unpickle a split of generated data: the data from its recipe (shared with a data value unpickled
+    beside it), split again under the same options."""
+    from mfpipe.data.interactions import _rebuild
+
+    return split_interactions(_rebuild(*data_recipe), options)
+
+
+def _split_from_fields(state: dict[str, Any]) -> Split:
+    return Split(**state)
 
 
 def write_split(split: Split, out_dir: Path) -> dict[str, Path]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,25 @@ class Interactions:
         n = len(self.users)
         if not (len(self.items) == len(self.timestamps) == n and (self.ratings is None or len(self.ratings) == n)):
             raise ValueError("Interactions arrays must have equal length")
+
+    def with_recipe(self, build: Callable[..., Interactions], args: tuple[Any, ...]) -> Interactions:
+        """This value, marked as `build(*args)` (deterministic): it then pickles as that call, not as its
+        arrays. The flow persists its split result (Prefect: pickle, base64, JSON; ~4x the arrays in
+        transient memory); generated data rebuilds exactly instead."""
+        object.__setattr__(self, "_recipe", (build, args))
+        return self
+
+    @property
+    def recipe(self) -> tuple[Callable[..., Interactions], tuple[Any, ...]] | None:
+        """(build, args) when this value is `build(*args)`, else None (see `with_recipe`)."""
+        return self.__dict__.get("_recipe")
+
+    def __reduce__(self) -> Any:
+        recipe = self.recipe
+        if recipe is not None:
+            return (_rebuild, recipe)
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (_from_fields, (state,))
 
     @property
     def n_users(self) -> int:
@@ -89,3 +112,23 @@ class Interactions:
             frame["rating"] = self.ratings
         frame["timestamp"] = self.timestamps
         return frame
+
+
+_REBUILT: weakref.WeakValueDictionary[tuple[Any, ...], Interactions] = weakref.WeakValueDictionary()
+_REBUILD_LOCK = threading.Lock()
+
+
+def _rebuild(build: Callable[..., Interactions], args: tuple[Any, ...]) -> Interactions:
+    """`build(*args)` once per live result: a pickled (data, split) pair rebuilds the data once, not per part."""
+    key = (build, *args)
+    with _REBUILD_LOCK:
+        data = _REBUILT.get(key)
+        if data is None:
+            data = build(*args).with_recipe(build, args)
+            _REBUILT[key] = data
+        return data
+
+
+def _from_fields(state: dict[str, Any]) -> Interactions:
+    """Unpickle an `Interactions` without a recipe (cached properties are not pickled: rebuilt on use)."""
+    return Interactions(**state)
