@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
@@ -60,6 +60,12 @@ def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
     """Retry network and server hiccups (TransientError, OS errors), never a user error (bad file, bad config)."""
     return is_transient(state.result(raise_on_failure=False))
 
+
+if TYPE_CHECKING:  # mfpipe.promotion imports MLflow: seconds that `mfpipe deploy` does not need
+    from mfpipe.promotion import Decision
+
+#: The event a run that kept the old champion emits; `mfpipe deploy`'s not-promoted alert matches it.
+NOT_PROMOTED_EVENT = "mfpipe.retrain.not-promoted"
 
 #: Options of the tasks that talk to the tracking store: retried on connection failures only.
 STORE_TASK: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": retry_on_io,
@@ -138,3 +144,25 @@ def promotion_slot(registered_model: str) -> Iterator[None]:
             yield
         finally:
             logger.info(f"Promotion slot {name} released after {time.monotonic() - taken:.1f} s")
+
+
+def emit_not_promoted(decision: Decision) -> None:
+    """Tell the Prefect server that this run left `champion` where it was, and why (the alert's trigger).
+
+    Called from the promote task, so Prefect attaches the flow run, its flow and its deployment as
+    related resources; the not-promoted alert matches on the deployment.
+    """
+    from prefect.events import emit_event
+
+    name = decision.registered_model
+    emit_event(
+        NOT_PROMOTED_EVENT,
+        resource={"prefect.resource.id": f"mfpipe.registered-model.{name}", "prefect.resource.name": name},
+        payload={
+            "reason": decision.reason,
+            "registered_model": name,
+            "rule": decision.rule,
+            "candidate_version": decision.candidate.version if decision.candidate else None,
+            "champion_version": decision.after_version,
+        },
+    )

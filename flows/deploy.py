@@ -25,15 +25,13 @@ import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
+from flows._plumbing import NOT_PROMOTED_EVENT
 from mfpipe.auth import mask_uri
 from mfpipe.config import Config
 from mfpipe.errors import MfpipeError
-
-if TYPE_CHECKING:  # mfpipe.promotion imports MLflow: seconds that `mfpipe deploy` does not need
-    from mfpipe.promotion import Decision
 
 FLOW_NAME = "retrain"
 DEPLOYMENT_NAME = "scheduled"
@@ -45,7 +43,6 @@ DESCRIPTION = "Nightly retraining: load, validate, split, train, evaluate, regis
 #: Runs of the deployment at once; more wait (ENQUEUE) rather than being cancelled (CANCEL_NEW).
 CONCURRENCY_LIMIT = 1
 #: The Prefect event the promote task emits when `champion` did not move; the alert listens for it.
-NOT_PROMOTED_EVENT = "mfpipe.retrain.not-promoted"
 #: The Webhook block holding `alert_webhook_url` on the Prefect server (the URL carries a token).
 ALERT_BLOCK = "mfpipe-retrain-alerts"
 ALERT_FAILED = "mfpipe: retrain/scheduled failed"
@@ -294,25 +291,3 @@ def configure_alerts(config: Config, deployment_id: UUID) -> tuple[str, ...]:
             with contextlib.suppress(ObjectNotFound):
                 client.delete_block_document(client.read_block_document_by_name(ALERT_BLOCK, "webhook").id)
     return tuple(by_name)
-
-
-def emit_not_promoted(decision: Decision) -> None:
-    """Tell the Prefect server that this run left `champion` where it was, and why (the alert's trigger).
-
-    Called from the promote task, so Prefect attaches the flow run, its flow and its deployment as
-    related resources; the not-promoted alert matches on the deployment.
-    """
-    from prefect.events import emit_event
-
-    name = decision.registered_model
-    emit_event(
-        NOT_PROMOTED_EVENT,
-        resource={"prefect.resource.id": f"mfpipe.registered-model.{name}", "prefect.resource.name": name},
-        payload={
-            "reason": decision.reason,
-            "registered_model": name,
-            "rule": decision.rule,
-            "candidate_version": decision.candidate.version if decision.candidate else None,
-            "champion_version": decision.after_version,
-        },
-    )

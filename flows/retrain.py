@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import _plumbing, deploy
+from flows import _plumbing
 from mfpipe import prepare, promotion, recording, report, tracking, training
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
@@ -38,7 +38,7 @@ def load_data(config: Config, key: str) -> pd.DataFrame:
 
 
 @task(name="validate", cache_key_fn=_plumbing.cache_key("validate", "data_home"), persist_result=True)
-def validate(frame: pd.DataFrame, config: Config, key: str) -> prepare.Validated:
+def validate_data(frame: pd.DataFrame, config: Config, key: str) -> prepare.Validated:
     validated = prepare.validate(frame, config, Path(config.data_home) / "validation" / key)
     create_markdown_artifact(report.validation_markdown(validated), key="validation-summary")
     return validated
@@ -96,12 +96,12 @@ def record(ctx: RunContext, result: ModelResult, trained: training.Trained | Non
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> Decision:
+def promote_best(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> Decision:
     with _plumbing.promotion_slot(ctx.registered_model):
         decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config)
     recording.record_decision(ctx, decision)
     if not decision.promoted:
-        deploy.emit_not_promoted(decision)  # the trigger of the deployment's not-promoted alert
+        _plumbing.emit_not_promoted(decision)  # the trigger of the deployment's not-promoted alert
     if decision.drift is not None:
         create_markdown_artifact(drift_markdown(decision.drift), key="drift")
     get_run_logger().info(f"Promotion: {decision.reason}")
@@ -153,7 +153,7 @@ def retrain(config: Config) -> RunOutcome:
     with stages("load"):
         frame = load_data(config, key)
     with stages("validate"):
-        validated = validate(frame, config, key)
+        validated = validate_data(frame, config, key)
     validated.raise_if_failed()
     with stages("split"):
         data, parts = split(frame, config, key)
@@ -180,7 +180,7 @@ def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, traine
         results = [record(ctx, r, trained.get(r.model), parts, config) for r in results]
     report.raise_if_all_failed(results)
     with stages("promote"):
-        decision = promote(ctx, results, parts, config)
+        decision = promote_best(ctx, results, parts, config)
         test_ndcg = score_test(ctx, decision, trained, results, parts, config)
     with stages("tracking"):
         publish(ctx, results, parts, config)

@@ -85,7 +85,7 @@ def batch_seconds(model_uri: str, users: list[str], repeats: int) -> tuple[float
     return statistics.median(walls), statistics.median(cpus), rows
 
 
-def load(port: int, users: list[str], clients: int, seconds: float, seed: int) -> dict[str, Any]:
+def generate_load(port: int, users: list[str], clients: int, seconds: float, seed: int) -> dict[str, Any]:
     """`clients` threads posting one random user each (k=10) for `seconds`: throughput, latency, errors."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
@@ -165,7 +165,7 @@ def serve_and_load(command: list[str], env: dict[str, str], port: int, users: li
     try:
         _wait_ready(proc, port)
         before = group_cpu_seconds(proc.pid)
-        figures = load(port, users, clients, seconds, seed)
+        figures = generate_load(port, users, clients, seconds, seed)
         figures["server_cpu_ms_per_request"] = 1000 * (group_cpu_seconds(proc.pid) - before) / figures["requests"]
         return figures
     finally:
