@@ -357,4 +357,3 @@ def write_split(split: Split, out_dir: Path) -> dict[str, Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {Path(name).stem: out_dir / name for name in written}
-

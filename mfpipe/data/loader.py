@@ -188,7 +188,6 @@ def synthetic_interactions(n: int, seed: int) -> Interactions:
     return replace(data, meta={}, **narrow)
 
 
-
 def dataset_name(spec: str) -> str:
     """The name `read_frame` gives `spec`'s data, without reading it (for `--dataset` defaults)."""
     path = Path(spec).expanduser()
