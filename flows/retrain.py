@@ -8,6 +8,7 @@ cluster (`task_runner="dask"`, which needs a Prefect server so that workers can 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mfpipe import prepare, promotion, recording, report, tracking, training
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
 from mfpipe.drift import drift_markdown
-from mfpipe.errors import one_line
+from mfpipe.errors import MfpipeError, one_line
 from mfpipe.evaluation import EvaluationReport, evaluate_model
 from mfpipe.lineage import source_key
 from mfpipe.promotion import Decision
@@ -169,7 +170,8 @@ def retrain(config: Config) -> RunOutcome:
     try:
         return record_and_promote(ctx, data, parts, trained, results, config, stages)
     except BaseException as exc:
-        recording.close_run(ctx, ok=False, error=one_line(exc))
+        with contextlib.suppress(MfpipeError):  # a store that went away cannot close the run: the next run will
+            recording.close_run(ctx, ok=False, error=one_line(exc))
         raise
 
 

@@ -68,7 +68,7 @@ def open_run(config: Config, data: Interactions, flow_run_id: str | None, flow_r
         mine = {PARENT_ROLE: "retrain", "prefect.flow_run_id": flow_run_id} if flow_run_id else None
         existing = tracking.find_runs(store, exp_id, mine, "RUNNING") if mine else []
         if existing:
-            parent = existing[0]
+            parent = tracking.resume_run(store, existing[0])
         else:
             parent = _start_parent(store, exp_id, config, data, lineage, flow_run_id, flow_run_url)
     registered = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
@@ -177,8 +177,7 @@ def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, 
         mine = {"mlflow.parentRunId": ctx.parent_run_id, "model": result.model}
         earlier = tracking.find_runs(store, ctx.experiment_id, mine)
         if earlier:  # a retried record task: carry on in the child run it opened before
-            run_id = earlier[0]
-            store.client().update_run(run_id, status="RUNNING")
+            run_id = tracking.resume_run(store, earlier[0])
         else:
             run_id = tracking.start_run(store, ctx.experiment_id, result.model, tags, parent_id=ctx.parent_run_id)
         result.run_id = run_id
@@ -323,8 +322,10 @@ def record_figures(ctx: RunContext, results: list[ModelResult], split: Split, co
 def close_run(ctx: RunContext, ok: bool, error: str | None, metrics: dict[str, float] | None = None) -> None:
     """End the parent run FINISHED (at least one model finished) or FAILED with the reason as a tag."""
     with tracking.tracking_errors(ctx.store):
-        tracking.log_values(ctx.store, ctx.parent_run_id, metrics=metrics, tags={"error": error})
-        tracking.end_run(ctx.store, ctx.parent_run_id, ok=ok)
+        try:
+            tracking.log_values(ctx.store, ctx.parent_run_id, metrics=metrics, tags={"error": error})
+        finally:  # the run ends even when its last values cannot be written (the next run then sees it gone)
+            tracking.end_run(ctx.store, ctx.parent_run_id, ok=ok)
 
 
 def warm_up(config: Config) -> None:

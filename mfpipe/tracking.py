@@ -193,11 +193,24 @@ def experiment_id(store: Store, dataset: str) -> str:
 
 
 # -- runs -------------------------------------------------------------------------------------------
+#: The runs this process has started and not ended yet.
+_OPEN: set[str] = set()
+
+
 def start_run(store: Store, exp_id: str, name: str, tags: dict[str, Any], parent_id: str | None = None) -> str:
     tags = {**owner_tags(), **{k: str(v) for k, v in tags.items() if v is not None}}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
-    return store.client().create_run(exp_id, run_name=name, tags=tags).info.run_id
+    run_id = store.client().create_run(exp_id, run_name=name, tags=tags).info.run_id
+    _OPEN.add(run_id)
+    return run_id
+
+
+def resume_run(store: Store, run_id: str) -> str:
+    """Carry on writing a run this process opened before (a retried task): RUNNING again, and ours."""
+    store.client().update_run(run_id, status="RUNNING")
+    _OPEN.add(run_id)
+    return run_id
 
 
 def last_finished_parent_tags(store: Store, dataset: str) -> dict[str, str]:
@@ -231,13 +244,18 @@ def owner_tags() -> dict[str, str]:
 
 
 def fail_abandoned_runs(store: Store, exp_id: str) -> list[str]:
-    """End FAILED the RUNNING runs of this host whose process is gone (killed mid-run); returns their ids."""
+    """End FAILED the RUNNING runs of this host whose writer is gone; returns their ids.
+
+    Gone: its process ended (killed mid-run), or it is this process and no longer writing the run (a run
+    that failed while the store was away could not close its runs).
+    """
     client = store.client()
     host = socket.gethostname()
     ended = []
     for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=500):
         tags = run.data.tags
-        if tags.get("mfpipe.host") != host or _alive(int(tags.get("mfpipe.pid", "0") or 0)):
+        pid = int(tags.get("mfpipe.pid", "0") or 0)
+        if tags.get("mfpipe.host") != host or (_alive(pid) and (pid != os.getpid() or run.info.run_id in _OPEN)):
             continue
         client.set_tag(run.info.run_id, "error", f"abandoned: process {tags.get('mfpipe.pid')} ended mid-run")
         client.set_terminated(run.info.run_id, "FAILED")
@@ -258,6 +276,7 @@ def _alive(pid: int) -> bool:
 
 
 def end_run(store: Store, run_id: str, ok: bool) -> None:
+    _OPEN.discard(run_id)  # first: whether or not the store hears of it, this process stops writing the run
     store.client().set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
