@@ -34,7 +34,7 @@ def _figure(width: float = 7.0, height: float = 4.0, ncols: int = 1) -> tuple[An
 
 
 def learning_curves(results: list[ModelResult]) -> Any | None:
-    """Loss and validation NDCG@10 per epoch for the models that record them."""
+    """Loss per epoch, and NDCG@10 on the pairs a model holds out of its train part to stop early."""
     curves = [r for r in results if r.history.get("epoch_loss")]
     if not curves:
         return None
@@ -47,9 +47,10 @@ def learning_curves(results: list[ModelResult]) -> Any | None:
         if ndcg:
             ndcg_ax.plot(steps[: len(ndcg)], ndcg, marker="o", label=r.model)
     loss_ax.set(title="training loss", xlabel="epoch")
-    ndcg_ax.set(title="validation NDCG@10 (sample)", xlabel="epoch")
-    loss_ax.legend()
-    ndcg_ax.legend()
+    ndcg_ax.set(title="early-stopping NDCG@10 (held-out train pairs)", xlabel="epoch")
+    for ax in (loss_ax, ndcg_ax):
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     return fig
 
