@@ -74,10 +74,15 @@ class _SyntheticFrame(pd.DataFrame):
     def _constructor(self) -> type[pd.DataFrame]:
         return pd.DataFrame
 
-    def __reduce__(self) -> Any:
+    def __reduce_ex__(self, protocol: Any) -> Any:
         if self._recipe is not None and self._arrays == _array_ids(self):
             return (synthetic_frame_of, self._recipe)
-        return pd.DataFrame(self, copy=False).__reduce__()
+        return (_as_is, (self.copy(deep=False),))  # its rows as a plain DataFrame, attrs included
+
+
+def _as_is(frame: pd.DataFrame) -> pd.DataFrame:
+    """Unpickle a synthetic frame that no longer matched its recipe: the plain DataFrame of its rows."""
+    return frame
 
 
 def _array_ids(frame: pd.DataFrame) -> tuple[int, ...]:
