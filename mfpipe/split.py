@@ -319,9 +319,9 @@ def split_interactions(data: Interactions, options: SplitOptions) -> Split:
 def _rebuild_split(data_recipe: tuple[Any, tuple[Any, ...]], options: SplitOptions) -> Split:
     """Unpickle a split of generated data: the data from its recipe (shared with a data value unpickled
     beside it), split again under the same options."""
-    from mfpipe.data.interactions import _rebuild
+    from mfpipe.data.interactions import rebuild
 
-    return split_interactions(_rebuild(*data_recipe), options)
+    return split_interactions(rebuild(*data_recipe), options)
 
 
 def _split_from_fields(state: dict[str, Any]) -> Split:

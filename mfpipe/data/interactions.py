@@ -56,7 +56,7 @@ class Interactions:
     def __reduce__(self) -> Any:
         recipe = self.recipe
         if recipe is not None:
-            return (_rebuild, recipe)
+            return (rebuild, recipe)
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         return (_from_fields, (state,))
 
@@ -118,7 +118,7 @@ _REBUILT: weakref.WeakValueDictionary[tuple[Any, ...], Interactions] = weakref.W
 _REBUILD_LOCK = threading.Lock()
 
 
-def _rebuild(build: Callable[..., Interactions], args: tuple[Any, ...]) -> Interactions:
+def rebuild(build: Callable[..., Interactions], args: tuple[Any, ...]) -> Interactions:
     """`build(*args)` once per live result: a pickled (data, split) pair rebuilds the data once, not per part."""
     key = (build, *args)
     with _REBUILD_LOCK:
