@@ -84,6 +84,7 @@ DatasetOpt = Annotated[
     str | None, typer.Option("--dataset", help="Dataset name of the registered model (default: the default data's).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout only.")]
+HowMany = Annotated[int, typer.Option("--k", help="How many items.")]
 
 
 def terminal() -> Any:

@@ -13,6 +13,7 @@ from mfpipe.auth import mask_uri
 from mfpipe.commands.options import (
     ConfigFile,
     DatasetOpt,
+    HowMany,
     JsonOpt,
     registered_model,
 )
@@ -25,9 +26,9 @@ def recommend(
     items: Annotated[
         str | None, typer.Option("--items", help="Item ids since training (a,b,c): folded in and excluded.")
     ] = None,
-    k: Annotated[int, typer.Option("--k", help="How many items.")] = 10,
+    k: HowMany = 10,
     dataset: DatasetOpt = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    json_: JsonOpt = False,
     config: ConfigFile = None,
 ) -> None:
     """Top-k items for a user from the `champion` (`--items` folded in; popularity for a user it never saw)."""
@@ -54,9 +55,9 @@ def recommend(
 
 def similar(
     item: Annotated[str, typer.Option("--item", help="External item id.")],
-    k: Annotated[int, typer.Option("--k", help="How many items.")] = 10,
+    k: HowMany = 10,
     dataset: DatasetOpt = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    json_: JsonOpt = False,
     config: ConfigFile = None,
 ) -> None:
     """Nearest items to an item by cosine in the `champion`'s item factors (the item itself excluded)."""
