@@ -141,7 +141,7 @@ def log_pyfunc(model_path: Path, catalog_path: Path) -> Any:
     validation loads and calls the model again (~3.6 s per model); the signature documents the input.
     """
     with warnings.catch_warnings():  # it would advise an input example on stderr for every candidate
-        warnings.filterwarnings("ignore", message="An input example was not provided")
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # after colour codes
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
