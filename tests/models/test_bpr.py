@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfpipe.errors import MfpipeError
-from mfpipe.models.bpr import BPR, BPRParams, HeldOut, Sampler, aligned_zeros
+from mfpipe.models.bpr import BPR, BPRParams, EarlyStopping, HeldOut, Sampler, aligned_zeros
 from mfpipe.models.popularity import Popularity
 from tests.models.conftest import make_interactions, planted
 
@@ -230,6 +230,20 @@ def test_early_stopping_stops_where_more_epochs_hurt_and_refits_that_many() -> N
         return float(np.mean(per_user_metrics(m.recommend(np.arange(data.n_users), 10)[0], truth, 10)["ndcg"]))
 
     assert ndcg(model) > ndcg(full) + 0.03
+
+
+def test_below_the_refit_share_the_best_evaluated_state_is_kept_not_refitted() -> None:
+    """The same curve as above, held-out pairs a fifth of the train pairs: refitted at the default share,
+    kept when the share asked for is higher. The kept model is the one of the best evaluation, exactly."""
+    data, _ = planted(n_users=200, n_items=80, per_user=12, seed=5)
+    params = {"eval_every": 2, "patience": 3, "learning_rate": 0.1, "lr_decay": 1.0, "reg_user": 0.0, "reg_item": 0.0}
+    held = HeldOut.from_train(data, BPRParams(), seed=7)
+    assert held is not None and 0.15 < held.share(data.matrix) < 0.25
+    assert "refit_epoch_loss" in fit(data, epochs=200, **params).history
+    kept = fit(data, epochs=200, refit_share=0.5, **params)
+    curve = kept.history["epoch_ndcg_at_10"]
+    assert "refit_epoch_loss" not in kept.history and max(curve) > curve[-1]  # stopped past its best
+    assert EarlyStopping(kept, held).ndcg() == pytest.approx(max(curve), abs=1e-12)
 
 
 def test_a_flat_curve_runs_out_of_patience_and_a_single_evaluation_is_a_plain_fit(small) -> None:
