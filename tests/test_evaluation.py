@@ -21,12 +21,15 @@ from mfpipe.config import SplitOptions
 from mfpipe.errors import MfpipeError
 from mfpipe.evaluation import (
     METRICS,
+    SCORE_BLOCK_BYTES,
+    batch_users,
     display_name,
     evaluate_files,
     evaluate_model,
     metric_key,
     paired_comparison,
     per_user_metrics,
+    recommend_batched,
     summarize,
 )
 from mfpipe.models.base import FactorModel
@@ -184,6 +187,17 @@ def test_ndcg_and_map_equal_implicit_ranking_metrics_at_k(random_split):
     micro = (users["precision"] * k).sum() / np.minimum(k, users["n_relevant"]).sum()
     assert micro == pytest.approx(theirs["precision"], abs=1e-12)
     assert report.warm["precision"].mean != pytest.approx(theirs["precision"])
+
+
+def test_batches_bound_the_score_block_and_do_not_change_the_lists():
+    assert batch_users(100) == 2048 and batch_users(10**7) == 64
+    assert 64 < batch_users(56_000) < 2048 and batch_users(56_000) * 56_000 * 8 <= SCORE_BLOCK_BYTES
+    data = make_interactions(300, 120, 20, seed=2)
+    model = ImplicitALS().fit(data)
+    users = np.arange(data.n_users)
+    whole = model.recommend(users, 10)[0]
+    for size in (None, 1, 7, 300):
+        np.testing.assert_array_equal(recommend_batched(model, users, 10, size), whole)
 
 
 def test_report_warm_cold_all_and_keys():
