@@ -14,7 +14,8 @@ Two commands (results as JSON, plus a markdown table on stdout):
         (hundreds of evaluable users instead of the few dozen a temporal split of MovieLens leaves).
 
 Datasets: the ml-latest-small copy in ../shared/data (MOVIELENS env var or --movielens to override) and the
-built-in synthetic generator (`synthetic:100k`, seed 42). Nothing of MovieLens is written out, only scores.
+built-in synthetic generator (`synthetic:100k`, seed 42), or those given with `--data [NAME=]SPEC` (repeatable;
+e.g. the denser ML-100K-like proxy of benchmarks/dense_proxy.py). Nothing of MovieLens is written out, only scores.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def score(name: str, split: Split, params: dict[str, Any] | None, seed: int, thr
 
 
 def datasets(args: argparse.Namespace) -> dict[str, Interactions]:
+    """ml-latest-small and synthetic:100k, or the `--data` list (NAME=SPEC, or SPEC named by itself)."""
     specs = {"ml-latest-small": str(args.movielens), "synthetic:100k": "synthetic:100k"}
+    if args.data:
+        named = (d.partition("=") for d in args.data)
+        specs = {(name if sep else Path(name).name or name): (spec if sep else name) for name, sep, spec in named}
     return {name: load(spec) for name, spec in specs.items()}
 
 
@@ -162,6 +167,10 @@ def main() -> None:
     parser.add_argument("--inner", choices=["temporal", "same"], default="temporal")
     parser.add_argument("--params", help="JSON file {model: {param: value}} over the defaults (evaluate)")
     parser.add_argument("--movielens", type=Path, default=MOVIELENS)
+    parser.add_argument(
+        "--data", action="append", metavar="[NAME=]SPEC",
+        help="dataset to use instead of ml-latest-small + synthetic:100k (repeatable): a folder, file or synthetic:N",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("files", nargs="*", type=Path, help="compare: BEFORE.json AFTER.json (from evaluate --out)")
     args = parser.parse_args()
