@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mfpipe.ranking import exclude_seen, top_k, top_k_excluding, top_k_factors
+from mfpipe.ranking import exclude_seen, top_k, top_k_excluding, top_k_factors, top_k_in_order
 
 
 def brute_top_k(scores: np.ndarray, k: int, seen: list[set[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +80,19 @@ def test_top_k_factors_equals_scoring_then_top_k(n_users, n_items, n_factors, k,
     expected_items, expected_values = top_k_excluding(user_vectors @ item_vectors.T + bias, k, users, seen)
     np.testing.assert_array_equal(items, expected_items)
     np.testing.assert_allclose(values, expected_values, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 25), st.integers(0, 30), st.floats(0.0, 1.0))
+def test_walking_a_shared_order_equals_ranking_its_scores(n_users, n_items, k, density):
+    rng = np.random.default_rng(n_users * 100 + n_items)
+    shared = rng.permutation(n_items).astype(np.float32)  # distinct, as popularity ranks are
+    seen = sp.random(n_users, n_items, density=density, format="csr", random_state=2, dtype=np.float32)
+    users = rng.integers(-1, n_users, n_users)  # -1: a cold user, nothing excluded
+    order = np.argsort(-shared)
+    expected = top_k_excluding(np.tile(shared, (n_users, 1)), k, users, seen)
+    for got, want in zip(top_k_in_order(order, shared, k, users, seen), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_negative_user_excludes_nothing_and_unsorted_seen_is_handled():

@@ -16,6 +16,7 @@ from pydantic import Field
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
 from mfpipe.models.base import ModelParams, Recommender
+from mfpipe.ranking import top_k_in_order
 
 SECONDS_PER_DAY = 86_400
 
@@ -51,6 +52,13 @@ class Popularity(Recommender):
 
     def score(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.ranks, (len(users), len(self.ranks))).copy()
+
+    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The same lists as scoring the catalogue for every user, from one walk down the popularity order."""
+        users = np.asarray(users, dtype=np.int64)
+        rows = np.where((users >= 0) & (users < self.n_users), users, -1)
+        order = np.argsort(-self.ranks, kind="stable")  # ranks are distinct: a strict order
+        return top_k_in_order(order, self.ranks, k, rows, self.seen if exclude_seen else None)
 
     def _state(self) -> dict[str, np.ndarray]:
         return {"ranks": self.ranks, "counts": self.counts}
