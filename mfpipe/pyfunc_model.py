@@ -26,13 +26,14 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 DEFAULT_K = 10
-BLOCK = 512  # users scored per BLAS call: a 512 x n_items float32 block stays a few MB per 1k items
+BLOCK = 512  # users grouped by position, as always: a group with one user left to score is a 1-row product
+CHUNK = 128  # users per BLAS call inside a group: a 128 x n_items float32 block stays in the L2 cache
 PROBE = 256  # columns whose k-th best score bounds a row's k-th best from below (see `top_k`)
 MODEL, FOLD_IN, POPULARITY = "model", "fold-in", "popularity"  # the `source` of each answer
 OUTPUT_COLUMNS = ("user_id", "rank", "item_id", "score", "title", "source")
@@ -100,6 +101,10 @@ def top_k(scores: np.ndarray, k: int, probe: np.ndarray) -> tuple[np.ndarray, np
     out_scores = np.full((n_rows, k), -np.inf, np.float32)
     if n_rows == 0 or k == 0:
         return out_items, out_scores
+    if n_rows == 1:  # a served request: 1-D calls, no row bookkeeping
+        found, values = _top_k_row(scores[0], k, probe)
+        out_items[0, : len(found)], out_scores[0, : len(found)] = found, values
+        return out_items, out_scores
     if k < len(probe):
         threshold = np.partition(scores[:, probe], len(probe) - k, axis=1)[:, len(probe) - k]
         flat = np.flatnonzero(scores >= threshold[:, None])  # 1-D: much cheaper than a 2-D nonzero
@@ -116,6 +121,33 @@ def top_k(scores: np.ndarray, k: int, probe: np.ndarray) -> tuple[np.ndarray, np
     out_items[rows[keep], rank[keep]] = cols[keep]
     out_scores[rows[keep], rank[keep]] = values[keep]
     return out_items, out_scores
+
+
+def _top_k_row(row: np.ndarray, k: int, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` of one row (at most k items, best first, ties by lower index), by the same probe bound."""
+    if k < len(probe):
+        found = np.flatnonzero(row >= np.partition(row[probe], len(probe) - k)[len(probe) - k])
+    else:
+        found = np.flatnonzero(row > -np.inf)
+    values = row[found]
+    finite = values > -np.inf
+    found, values = found[finite], values[finite]
+    order = np.lexsort((found, -values))[:k]
+    return found[order], values[order]
+
+
+def _chunks(rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` in pieces of about CHUNK, never a piece of one row unless `rows` is one row.
+
+    BLAS answers a 1-row product as a matrix-vector product, whose sums can differ in the last bit from
+    the same row inside a matrix product; so a user is scored alone exactly when it was before the split.
+    """
+    if len(rows) <= CHUNK + 1:
+        return [rows] if len(rows) else []
+    cuts = list(range(CHUNK, len(rows), CHUNK))
+    if len(rows) - cuts[-1] == 1:
+        cuts.pop()  # the last row joins the piece before it
+    return np.split(rows, cuts)
 
 
 def _flat_rows(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +190,7 @@ class Scorer:
             self.ranks = np.asarray(self.state["ranks"], np.float32)
         self.probe = np.sort(np.argsort(-self.popularity, kind="stable")[: min(PROBE, self.n_items)])
         self.rule = fold_in_rule(self.name, self.params, self.state)
+        self._popular_top: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def load(cls, path: Path | str) -> Scorer:
@@ -189,6 +222,8 @@ class Scorer:
         train-seen items are always excluded. Unknown users with no known new item get popularity.
         """
         users = np.asarray(users, np.int64)
+        if len(users) == 1:  # a served request: the same kernels, without the bookkeeping of many rows
+            return self._one(int(users[0]), k, None if new_items is None else new_items[0])
         extra = list(new_items) if new_items is not None else [np.zeros(0, np.int64)] * len(users)
         folded = np.array([len(e) > 0 for e in extra], bool)
         source = self.sources(users, folded)
@@ -196,14 +231,33 @@ class Scorer:
         scores = np.full((len(users), k), -np.inf, np.float32)
         cold = (users < 0) & ~folded
         if cold.any():  # one answer for every unknown user: popularity, nothing to exclude
-            top = top_k(self.popularity[None, :], k, self.probe)
-            items[cold], scores[cold] = top[0][0], top[1][0]
+            items[cold], scores[cold] = self._popular(k)
+        out = np.empty((min(CHUNK + 1, len(users)), self.n_items), np.float32)  # reused: no page faults per block
         for start in range(0, len(users), BLOCK):
             rows = np.arange(start, min(start + BLOCK, len(users)))
-            rows = rows[~cold[rows]]
-            if len(rows):
-                items[rows], scores[rows] = self._block(users[rows], [extra[r] for r in rows], folded[rows], k)
+            for chunk in _chunks(rows[~cold[rows]]):
+                chunk_extra = [extra[r] for r in chunk] if new_items is not None else None
+                items[chunk], scores[chunk] = self._block(users[chunk], chunk_extra, folded[chunk], k, out)
         return items, scores, source
+
+    def _one(self, user: int, k: int, extra: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`recommend` of one user index, as the general path computes it (a 1-row block, same `top_k`)."""
+        extra = np.zeros(0, np.int64) if extra is None else np.asarray(extra)
+        folded = np.array([len(extra) > 0])
+        source = self.sources(np.array([user]), folded)
+        if user < 0 and not folded[0]:
+            items, scores = self._popular(k)
+            return items[None, :].copy(), scores[None, :].copy(), source
+        out = np.empty((1, self.n_items), np.float32)
+        return (*self._block(np.array([user], np.int64), [extra], folded, k, out), source)
+
+    def _popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of popularity (the answer of every unknown user), computed once per k; read-only."""
+        if k not in self._popular_top:
+            items, scores = top_k(self.popularity[None, :], k, self.probe)
+            items[0].flags.writeable = scores[0].flags.writeable = False
+            self._popular_top[k] = (items[0], scores[0])
+        return self._popular_top[k]
 
     def sources(self, users: np.ndarray, folded: np.ndarray) -> np.ndarray:
         """`source` per row: fold-in when known new items were given, else model (known user) or popularity."""
@@ -212,18 +266,24 @@ class Scorer:
             source[folded & (users < 0)] = POPULARITY  # no vector to fold: popularity minus the items
         return source
 
-    def _block(self, users: np.ndarray, extra: list[np.ndarray], folded: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-        """Top-k for a block of known or folded-in users (train-seen and new items excluded)."""
+    def _block(
+        self, users: np.ndarray, extra: list[np.ndarray] | None, folded: np.ndarray, k: int, out: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """Top-k for a block of known or folded-in users (train-seen and new items excluded), scored in `out`."""
+        block = out[: len(users)]
         if self.has_factors:
             vectors = self.user_side[np.maximum(users, 0)]
             for r in np.flatnonzero(folded):
                 vectors[r] = np.concatenate([self.fold_in(int(users[r]), extra[r]), self.folded_tail])
-            block = vectors @ self.item_side
+            np.matmul(vectors, self.item_side, out=block)
         else:
-            block = np.broadcast_to(self.ranks, (len(users), self.n_items)).copy()
-        known = np.flatnonzero(users >= 0)
-        rows, cols = _flat_rows(self.seen_indptr, self.seen_indices, users[known])
-        block[known[rows], cols] = -np.inf
+            block[:] = self.ranks
+        if len(users) == 1:  # one user (a served request): a slice of the CSR, no fancy-index bookkeeping
+            block[0, self.history(int(users[0]))] = -np.inf
+        else:
+            known = np.flatnonzero(users >= 0)
+            rows, cols = _flat_rows(self.seen_indptr, self.seen_indices, users[known])
+            block[known[rows], cols] = -np.inf
         for r in np.flatnonzero(folded):
             block[r, extra[r]] = -np.inf
         return top_k(block, k, self.probe)
@@ -241,6 +301,7 @@ class Catalog:
         self.user_index = {u: i for i, u in enumerate(self.user_ids.tolist())}
         self.item_index = {t: i for i, t in enumerate(self.item_ids.tolist())}
         self.item_objects = self.item_ids.astype(object)
+        self.item_strings = pd.array(self.item_objects, dtype="str")  # the frame's `item_id`, taken per row
 
     @classmethod
     def load(cls, path: Path | str) -> Catalog:
@@ -286,6 +347,27 @@ def parse_inputs(
     return users, ks, items
 
 
+def _strings(values: np.ndarray, take: np.ndarray, converted: Any = None) -> Any:
+    """`values[take]` as the frame's str column, converted once per value, not per row (10x fewer for a
+    batch); an empty column stays object, as pandas infers it from an empty object array."""
+    if not len(take):
+        return values[take]
+    return (pd.array(values, dtype="str") if converted is None else converted).take(take)
+
+
+class Ranked(NamedTuple):
+    """Ranked rows, best first per user: input `row`, `rank`, `item` (catalogue index), `score`; with the
+    `users` and `sources` of the input rows. The pyfunc's frame, `columns` and the HTTP answer are written
+    from it, each taking ids and titles from per-item arrays instead of building them per row."""
+
+    users: np.ndarray
+    sources: np.ndarray
+    row: np.ndarray
+    rank: np.ndarray
+    item: np.ndarray
+    score: np.ndarray
+
+
 @dataclass(eq=False)
 class Recommendations:
     """A loaded version: external ids in, ranked rows (`OUTPUT_COLUMNS`) out."""
@@ -297,26 +379,34 @@ class Recommendations:
     def load(cls, model_path: Path | str, catalog_path: Path | str) -> Recommendations:
         return cls(Scorer.load(model_path), Catalog.load(catalog_path))
 
-    def columns(
+    def ranked(
         self, user_ids: Sequence[str], k: int | Sequence[int], items: Sequence[Sequence[str] | None] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Ranked rows as columns: best first per user, train-seen and given items excluded."""
+    ) -> Ranked:
+        """Ranked rows, best first per user, train-seen and given items excluded (see `Ranked`)."""
         users = np.asarray([str(u) for u in user_ids], dtype=object)
-        ks = np.broadcast_to(np.asarray(k, np.int64), users.shape)
+        ks = np.asarray(k, np.int64)
+        ks = np.full(len(users), ks) if ks.ndim == 0 else ks
         if len(users) and ks.min() < 1:
             raise ValueError("k must be at least 1")
         new = [self.catalog.items(i) for i in items] if items is not None else None
         top, scores, source = self.scorer.recommend(self.catalog.users(users), int(ks.max()) if len(users) else 0, new)
-        rank = np.broadcast_to(np.arange(1, top.shape[1] + 1), top.shape)
-        rows, cols = np.nonzero((top >= 0) & (rank <= ks[:, None]))
-        picked = top[rows, cols]
+        rows, cols = np.nonzero((top >= 0) & (np.arange(1, top.shape[1] + 1) <= ks[:, None]))
+        return Ranked(
+            users, source, rows, (cols + 1).astype(np.int64), top[rows, cols], scores[rows, cols].astype(np.float64)
+        )
+
+    def columns(
+        self, user_ids: Sequence[str], k: int | Sequence[int], items: Sequence[Sequence[str] | None] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Ranked rows as columns (`OUTPUT_COLUMNS`): best first per user, train-seen and given items excluded."""
+        out = self.ranked(user_ids, k, items)
         return {
-            "user_id": users[rows],
-            "rank": rank[rows, cols].astype(np.int64),
-            "item_id": self.catalog.item_objects[picked],
-            "score": scores[rows, cols].astype(np.float64),
-            "title": self.catalog.titles[picked],
-            "source": source[rows],
+            "user_id": out.users[out.row],
+            "rank": out.rank,
+            "item_id": self.catalog.item_objects[out.item],
+            "score": out.score,
+            "title": self.catalog.titles[out.item],
+            "source": out.sources[out.row],
         }
 
     def source(self, user_id: str, items: Sequence[str] | None = None) -> str:
@@ -326,9 +416,15 @@ class Recommendations:
 
     def frame(self, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """The pyfunc's answer: input columns `user_id`, optional `k` (per row) and `items` (list per row)."""
-        out = self.columns(*parse_inputs({c: model_input[c].tolist() for c in model_input.columns}, params))
-        out["title"] = pd.Series(out["title"], dtype=object)  # None stays None (a str column would make it NaN)
-        return pd.DataFrame({name: out[name] for name in OUTPUT_COLUMNS})
+        out = self.ranked(*parse_inputs({c: model_input[c].tolist() for c in model_input.columns}, params))
+        return pd.DataFrame({
+            "user_id": _strings(out.users, out.row),
+            "rank": out.rank,
+            "item_id": _strings(self.catalog.item_objects, out.item, self.catalog.item_strings),
+            "score": out.score,
+            "title": pd.Series(self.catalog.titles[out.item], dtype=object),  # None stays None (str would be NaN)
+            "source": _strings(out.sources, out.row),
+        })  # fmt: skip
 
 
 if __name__ != "mfpipe.pyfunc_model":  # run by MLflow as a logged model's code: define and set the model

@@ -99,3 +99,41 @@ def test_top_k_is_exact_with_ties_and_exclusions():
         order = sorted((j for j in range(300) if scores[r, j] > -np.inf), key=lambda j: (-scores[r, j], j))[:10]
         assert items[r][: len(order)].tolist() == order
         assert (items[r][len(order) :] == -1).all() and (values[r][len(order) :] == -np.inf).all()
+
+
+def test_top_k_of_one_row_is_that_row_of_many():
+    """A served request takes the 1-row path of `top_k`; it answers as the row would among others."""
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.normal(size=(30, 200)), 1).astype(np.float32)  # many ties
+    scores[4, :195] = -np.inf
+    probe = np.sort(rng.choice(200, 25, replace=False))
+    for k in (1, 10, 30):
+        items, values = pyfunc_model.top_k(scores, k, probe)
+        for r in range(len(scores)):
+            one_items, one_values = pyfunc_model.top_k(scores[r : r + 1], k, probe)
+            np.testing.assert_array_equal(one_items[0], items[r])
+            np.testing.assert_array_equal(one_values[0], values[r])
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 128, 129, 130, 257, 385, 512])
+def test_chunks_cover_the_rows_and_leave_no_row_alone(n):
+    rows = np.arange(n) * 3
+    chunks = pyfunc_model._chunks(rows)
+    assert np.array_equal(np.concatenate(chunks) if chunks else rows, rows)
+    assert all(len(c) <= pyfunc_model.CHUNK + 1 for c in chunks)
+    assert all(len(c) > 1 for c in chunks) or n == 1  # one row alone only when it is alone in its group
+
+
+@pytest.mark.parametrize("name", ["als", "pop"])
+def test_one_user_answers_as_in_a_batch(fitted, name, monkeypatch):
+    """The 1-user path, and a batch cut into chunks, give the same items as the batch in one product."""
+    monkeypatch.setattr(pyfunc_model, "CHUNK", 3)
+    scorer = fitted[name].scorer()
+    users = np.array([0, 5, -1, 79, 12, 3, 40, -1, 7])
+    new = [np.array([1, 2]) if u in (5, -1) else np.zeros(0, np.int64) for u in users]
+    items, scores, source = scorer.recommend(users, 6, new)
+    for r in range(len(users)):
+        one_items, one_scores, one_source = scorer.recommend(users[r : r + 1], 6, new[r : r + 1])
+        np.testing.assert_array_equal(one_items[0], items[r])
+        np.testing.assert_allclose(one_scores[0], scores[r], rtol=1e-6)
+        assert one_source.tolist() == [source[r]]
