@@ -18,7 +18,10 @@ random-per-item 0.338/0.346 against 0.304/0.346 for latest, synthetic:100k tempo
 NDCG@10 ~0.05 on ml-latest-small, flat after ~20 epochs), so patience ran out on noise. The held-out
 pairs are left out of sampling (positives and membership sets alike, so they may be drawn as negatives,
 as validation items are), and every `eval_every` epochs NDCG@10 over them ranks the train catalogue minus
-the pairs still sampled; after `patience` evaluations without improvement the loop stops. When the
+the pairs still sampled; after `patience` evaluations without improvement the loop stops. On large data
+the evaluations come after every `eval_samples` sampled pairs instead (in whole epochs), because the
+curve moves with the samples seen, not the epochs: at synthetic:32M (25M train pairs) it was flat from the
+fifth epoch, and five-epoch steps spent 30 epochs of patience on noise. When the
 held-out pairs are at least `refit_share` of the train pairs (small data: on ml-latest-small every user is
 sampled and a fifth of the pairs are held out), the model is then refitted from the same seeded start on
 every train pair for the best evaluated number of epochs: the stopped state never learned those pairs, and
@@ -28,7 +31,7 @@ synthetic:1M hold out 2% of its pairs, 0.2% at 10M) the refit would cost a third
 learn almost nothing, so the factors of the best evaluation are kept instead (synthetic:1M, temporal,
 seeds 42/7: NDCG@10 0.192/0.193 kept against 0.193/0.193 refitted, in 40-70% of the time).
 Early stopping is skipped (a plain fit of `epochs` epochs on everything) with `early_stopping=False`,
-when `epochs <= eval_every` (one evaluation chooses nothing), or when no user has two train interactions.
+when `epochs` make at most one evaluation (it chooses nothing), or when no user has two train interactions.
 
 Learning curves land in `history`: `epoch_loss` (mean -ln sigmoid(x_uij) of the sampled triples),
 `epoch_auc` (share of sampled triples ranked right before their update: a sampled training AUC,
@@ -73,7 +76,8 @@ class BPRParams(ModelParams):
     negative_candidates: int = Field(3, ge=1, le=8)  # >1: keep the highest-scoring (dynamic negative sampling)
     init_std: float = Field(0.1, gt=0)
     early_stopping: bool = True  # False: exactly `epochs` epochs on every train pair (fixed-epoch benchmarks)
-    eval_every: int = Field(5, ge=1)  # epochs between early-stopping evaluations
+    eval_every: int = Field(5, ge=1)  # epochs between early-stopping evaluations...
+    eval_samples: int = Field(5_000_000, ge=1)  # ...or fewer: as many whole epochs as sample this many pairs
     patience: int = Field(6, ge=1)  # evaluations without improvement before stopping
     eval_users: int = Field(1000, ge=1)  # seeded sample of train users whose latest pairs are held out
     holdout_share: float = Field(0.2, gt=0, lt=1)  # share of each sampled user's train pairs held out
@@ -176,7 +180,8 @@ class BPR(FactorModel):
         seen = self._fitted_seen()
         popularity = p.negative_sampling == "popularity"
         self.history = {"epoch_loss": [], "epoch_auc": []}
-        held_out = HeldOut.from_train(train, p, self.seed) if p.early_stopping and p.epochs > p.eval_every else None
+        stopping = p.early_stopping and p.epochs > self.epochs_per_evaluation(seen.nnz)
+        held_out = HeldOut.from_train(train, p, self.seed) if stopping else None
         self.init_state(*seen.shape)
         if held_out is None:
             self._train(Sampler(seen, popularity), p.epochs)
@@ -192,9 +197,13 @@ class BPR(FactorModel):
         self.init_state(*seen.shape)  # the same seeded start: the refit is a plain fit of `chosen` epochs
         self._train(Sampler(seen, popularity), chosen, prefix="refit_")
 
+    def epochs_per_evaluation(self, n_pairs: int) -> int:
+        """Epochs between early-stopping evaluations: `eval_every`, fewer on large data (module docstring)."""
+        return max(1, min(self.params.eval_every, self.params.eval_samples // max(n_pairs, 1)))
+
     def _train(self, sampler: Sampler, epochs: int, stopper: EarlyStopping | None = None, prefix: str = "") -> None:
-        """`epochs` epochs in chunks of `eval_every` from a fresh seeded generator state (so a refit replays a
-        plain fit exactly), evaluating `stopper` after each chunk and stopping when it says so.
+        """`epochs` epochs in chunks of `epochs_per_evaluation` from a fresh seeded generator state (so a refit
+        replays a plain fit exactly), evaluating `stopper` after each chunk and stopping when it says so.
 
         States are made for the most threads: a chunk runs on the first `n_threads` of them, re-read per
         chunk (the trainer may hand this fit more cores), so the deadline is checked between chunks too.
@@ -203,10 +212,11 @@ class BPR(FactorModel):
         states = kernels.thread_states(self.seed, numba.config.NUMBA_NUM_THREADS)
         label = "refit: " if prefix else ""
         previous = numba.get_num_threads()
+        chunk = self.epochs_per_evaluation(len(sampler.pairs))
         try:
             epoch = 0
             while epoch < epochs:
-                n = min(p.eval_every, epochs - epoch)
+                n = min(chunk, epochs - epoch)
                 learning_rates = p.learning_rate * p.lr_decay ** np.arange(epoch, epoch + n)
                 n_threads = self.n_threads
                 numba.set_num_threads(n_threads)
@@ -303,7 +313,7 @@ class HeldOut:
 
 
 class EarlyStopping:
-    """NDCG@10 on the held-out train pairs every `eval_every` epochs, with patience; remembers the best epoch.
+    """NDCG@10 on the held-out train pairs after each chunk of epochs, with patience; remembers the best epoch.
 
     Ranking excludes only the pairs still sampled (`remaining`), so the held-out items compete with the
     rest of the train catalogue as validation items do. With `keep_best` the factors of the best evaluation

@@ -246,6 +246,14 @@ def test_below_the_refit_share_the_best_evaluated_state_is_kept_not_refitted() -
     assert EarlyStopping(kept, held).ndcg() == pytest.approx(max(curve), abs=1e-12)
 
 
+def test_on_large_data_evaluations_come_every_eval_samples_pairs(small) -> None:
+    pairs = small.matrix.nnz
+    model = fit(small, epochs=100, eval_every=5, eval_samples=2 * pairs, patience=2, learning_rate=1e-12)
+    assert model.epochs_per_evaluation(pairs) == 2 and model.epochs_per_evaluation(10 * pairs) == 1
+    assert model.history["eval_epoch"][:3] == [2.0, 4.0, 6.0]  # chunks of 2 epochs, not 5
+    assert BPR(eval_every=5, eval_samples=10**9).epochs_per_evaluation(pairs) == 5  # small data: eval_every
+
+
 def test_a_flat_curve_runs_out_of_patience_and_a_single_evaluation_is_a_plain_fit(small) -> None:
     # Learning rate ~0: the held-out NDCG never improves after the first evaluation.
     model = fit(small, epochs=100, eval_every=2, patience=3, learning_rate=1e-12)
