@@ -21,7 +21,8 @@ as validation items are), and every `eval_every` epochs NDCG@10 over them ranks 
 the pairs still sampled; after `patience` evaluations without improvement the loop stops. On large data
 the evaluations come after every `eval_samples` sampled pairs instead (in whole epochs), because the
 curve moves with the samples seen, not the epochs: at synthetic:32M (25M train pairs) it was flat from the
-fifth epoch, and five-epoch steps spent 30 epochs of patience on noise. When the
+fifth epoch, and five-epoch steps spent 30 epochs of patience on noise (synthetic:10M, temporal, seed 42:
+21 epochs, NDCG@10 0.166, against 70 + 40 refitted epochs and 0.165 before). When the
 held-out pairs are at least `refit_share` of the train pairs (small data: on ml-latest-small every user is
 sampled and a fifth of the pairs are held out), the model is then refitted from the same seeded start on
 every train pair for the best evaluated number of epochs: the stopped state never learned those pairs, and
