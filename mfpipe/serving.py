@@ -459,8 +459,7 @@ class Server:
         self._stopped = threading.Event()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Serve until `shutdown`; every open connection is closed on the way out."""
-        self._stop = False
+        """Serve until `shutdown` (also one asked before this started); open connections are closed on the way out."""
         self._stopped.clear()
         connections: dict[int, _Connection] = {}
         with selectors.DefaultSelector() as selector:
@@ -475,6 +474,7 @@ class Server:
             finally:
                 for connection in list(connections.values()):
                     self._close(selector, connections, connection)
+                self._stop = False
                 self._stopped.set()
 
     def shutdown(self) -> None:

@@ -431,3 +431,17 @@ def _has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_a_shutdown_asked_before_serving_starts_still_stops_it():
+    data = tiny()
+    recs = pyfunc_model.Recommendations(create("pop").fit(data).scorer(), pyfunc_model.Catalog(
+        data.user_ids, data.item_ids, np.array([None] * 4, dtype=object)))  # fmt: skip
+    server = serving.make_server(recs, 0)
+    stopper = threading.Thread(target=server.shutdown, daemon=True)
+    stopper.start()
+    time.sleep(0.2)  # shutdown is waiting before serve_forever runs
+    server.serve_forever(poll_interval=0.05)  # returns at once
+    stopper.join(timeout=10)
+    assert not stopper.is_alive()
+    server.server_close()
