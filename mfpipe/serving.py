@@ -24,6 +24,7 @@ import json
 import selectors
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -538,7 +539,8 @@ class Server:
             connection.continued = False
             try:
                 status, body = respond(self.answers, request)
-            except Exception as exc:  # one failed answer must not stop the server
+            except Exception as exc:  # one failed answer must not stop the server; the operator sees it
+                print(f"mfpipe serve: {request.method} {request.path}: {one_line(exc)}", file=sys.stderr)
                 status, body = 500, json.dumps({"error_code": "INTERNAL_ERROR", "message": one_line(exc)}).encode()
             connection.closing = not request.keep_alive
             connection.outbox += response_bytes(status, body, close=connection.closing)
@@ -575,8 +577,9 @@ class Server:
         """Close a connection; what the client sent and was not read is drained first, or the kernel would
         answer it with a reset that can destroy the (error) answer before the client reads it."""
         try:
-            while connection.sock.recv(1 << 16):
-                pass
+            for _ in range(16):  # bounded: a client still uploading is not waited for
+                if not connection.sock.recv(1 << 16):
+                    break
         except OSError:  # nothing more to read now (BlockingIOError), or the peer is gone
             pass
         connections.pop(connection.sock.fileno(), None)

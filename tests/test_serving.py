@@ -445,3 +445,21 @@ def test_a_shutdown_asked_before_serving_starts_still_stops_it():
     stopper.join(timeout=10)
     assert not stopper.is_alive()
     server.server_close()
+
+
+def test_a_failing_answer_is_a_500_and_the_server_goes_on(capsys):
+    server = _pop_server()
+
+    def broken(body: bytes) -> bytes:
+        raise RuntimeError("boom\nsecond line")
+
+    try:
+        server.answers = broken
+        with socket.create_connection(server.server_address, timeout=10) as sock:
+            sock.sendall(_post_bytes(b"{}") + b"GET /ping HTTP/1.1\r\n\r\n")
+            (status, _, body), (ping, _, _) = _read_responses(sock, 2)
+        assert status == 500 and json.loads(body)["error_code"] == "INTERNAL_ERROR" and ping == 200
+        assert "boom" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.server_close()
