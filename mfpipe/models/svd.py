@@ -41,7 +41,7 @@ from pydantic import Field
 
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
-from mfpipe.models.base import FactorModel, ModelParams
+from mfpipe.models.base import FactorModel, ModelParams, Recommender
 
 EPOCH_LINE = b"Processing epoch "  # what Surprise's SVD prints at the start of each epoch when verbose
 
@@ -150,6 +150,9 @@ class SVD(FactorModel):
             + np.einsum("ij,ij->i", self.user_factors[users], self.item_factors[items])
         )
         return np.clip(est, *self.rating_scale) if clip else est
+
+    # Ranked on its float64 rating scores (user bias and global mean included), not the float32 blocks.
+    recommend = Recommender.recommend
 
     def score(self, users: np.ndarray) -> np.ndarray:
         scores = self.user_factors[users] @ self.item_factors.T
