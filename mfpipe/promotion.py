@@ -280,6 +280,11 @@ class InThisSplit:
         self.known = np.flatnonzero(self.items >= 0)
         self.seen = train.matrix
 
+    @property
+    def n_items(self) -> int:
+        """Items ranked: this split's train catalogue (what evaluation sizes its score blocks by)."""
+        return len(self.items)
+
     def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         users = np.asarray(users, np.int64)
         warm = (users >= 0) & (users < len(self.users))
