@@ -6,6 +6,7 @@ Kept apart so `retrain.py` reads as the pipeline diagram. Nothing here computes 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from mfpipe import services
 from mfpipe.config import Config
 from mfpipe.errors import MfpipeError, is_transient, one_line
 from mfpipe.lineage import stable_hash
@@ -84,6 +86,17 @@ def gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return done, failed
 
 
+def results(futures: list[Any]) -> list[Any]:
+    """Results of futures, in order, once all are done; then the first failure raises.
+
+    Waiting for all first: a run that fails is closed only when none of its writes is still under way.
+    """
+    from prefect.futures import wait
+
+    wait(futures)
+    return [future.result() for future in futures]
+
+
 def cache_key(stage: str, *sections: str) -> Any:
     """Cache key from the source key and the config sections the stage reads."""
 
@@ -95,13 +108,69 @@ def cache_key(stage: str, *sections: str) -> Any:
     return key
 
 
+#: The API of the ephemeral Prefect server this process started for itself (`own_api`).
+_OWN_APIS: set[str] = set()
+
+
+def shared_api() -> str | None:
+    """The Prefect API that other processes share (PREFECT_API_URL); None without one, or with this process's own."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return url if url and url not in _OWN_APIS else None
+
+
+@contextmanager
+def own_api(api: services.Service | None) -> Iterator[None]:
+    """Run against `api`, the ephemeral Prefect server `mfpipe run` started early, unless Prefect has one.
+
+    Prefect is pointed at it through PREFECT_API_URL (its threads read the process-wide settings),
+    with an empty PREFECT_UI_URL: the server has no UI, so no "View at" link is logged, as with
+    Prefect's own ephemeral API; `shared_api` still says there is no shared server. Its log and event
+    workers are drained before the caller stops the server, as Prefect's own test harness does:
+    nothing is sent to a gone server.
+    """
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if api is None or PREFECT_API_URL.value():  # a server named in a Prefect profile: the early one is not needed
+        if api is not None:
+            api.process.terminate()
+        yield
+        return
+    url = f"{api.url}/api"
+    prior = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_UI_URL")}
+    _OWN_APIS.add(url)
+    os.environ["PREFECT_API_URL"] = url
+    os.environ.setdefault("PREFECT_UI_URL", "")
+    refresh_global_settings_context()
+    try:
+        services.wait_healthy([api], timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        yield
+    finally:
+        _drain_prefect_workers()
+        for name, value in prior.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        refresh_global_settings_context()
+        _OWN_APIS.discard(url)
+
+
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
 def task_runner(config: Config, n_tasks: int) -> Any:
     """Threads by default; Dask on request, which needs a Prefect server (PREFECT_API_URL)."""
     if config.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=max(1, n_tasks))
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
+    if shared_api() is None:
         raise MfpipeError("--task-runner dask needs a Prefect server: set PREFECT_API_URL (e.g. start `mfpipe up`)")
     from prefect_dask import DaskTaskRunner
 
@@ -120,9 +189,7 @@ def promotion_slot(registered_model: str) -> Iterator[None]:
     was taken (and how long the run waited for another's promotion) and when it is given back: both
     lines fall inside the held slot, so the logs of two runs show that their promotions did not overlap.
     """
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
+    if shared_api() is None:
         yield
         return
     from prefect import get_client

@@ -9,6 +9,7 @@ cluster (`task_runner="dask"`, which needs a Prefect server so that workers can 
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import _plumbing
-from mfpipe import prepare, promotion, recording, report, tracking, training
+from mfpipe import prepare, promotion, recording, report, services, tracking, training
 from mfpipe.config import Config
 from mfpipe.data.interactions import Interactions
 from mfpipe.drift import drift_markdown
@@ -80,7 +81,8 @@ def evaluate(trained: training.Trained, split: Split, config: Config) -> Evaluat
 
 @task(name="open MLflow run", **_plumbing.STORE_TASK)
 def open_run(config: Config, data: Interactions, split: Split, validated: prepare.Validated) -> RunContext:
-    ctx = recording.open_run(config, data, flow_run.id, flow_run.ui_url)
+    ui_url = flow_run.ui_url if _plumbing.shared_api() else None  # an ephemeral API has no UI to link to
+    ctx = recording.open_run(config, data, flow_run.id, ui_url)
     recording.record_validation(ctx, validated)
     recording.record_split(ctx, split)
     return ctx
@@ -119,10 +121,9 @@ def score_test(ctx: RunContext, decision: Decision, trained: dict[str, training.
     return value
 
 
-@task(name="publish", **_plumbing.STORE_TASK)
-def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> None:
+@task(name="plot", **_plumbing.STORE_TASK)
+def plot(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> None:
     recording.record_figures(ctx, results, split, config)
-    create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
 
 
 def train_all(split: Split, config: Config) -> tuple[dict[str, training.Trained], dict[str, str]]:
@@ -179,14 +180,15 @@ def retrain(config: Config) -> RunOutcome:
 def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, trained: dict[str, training.Trained],
                        results: list[ModelResult], config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
     """Register every candidate, move `champion` if the best one earned it, publish, close the run."""
-    with stages("tracking"):
-        results = [record(ctx, r, trained.get(r.model), parts, config) for r in results]
+    with stages("tracking"):  # the models' child runs and the run's plots are written at once
+        recorded = [record.submit(ctx, r, trained.get(r.model), parts, config) for r in results]
+        *results, _ = _plumbing.results([*recorded, plot.submit(ctx, results, parts, config)])
     report.raise_if_all_failed(results)
     with stages("promote"):
         decision = promote_best(ctx, results, parts, config)
         test_ndcg = score_test(ctx, decision, trained, results, parts, config)
     with stages("tracking"):
-        publish(ctx, results, parts, config)
+        create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
         train_sum = sum(t.train_seconds for t in trained.values())
         timing = {f"stage_{name}_seconds": value for name, value in stages.seconds.items()}
         recording.close_run(ctx, ok=True, error=None, metrics={**timing, "train_sum_seconds": train_sum})
@@ -203,12 +205,17 @@ def skipped(data: Interactions, parts: Split, config: Config, stages: Stages) ->
     return RunOutcome(report.build_report(data, parts, [], decision.to_json(), stages))
 
 
-def run(config: Config) -> RunOutcome:
-    """Run the flow in this process (ephemeral Prefect API unless PREFECT_API_URL is set).
+def run(config: Config, api: services.Service | None = None) -> RunOutcome:
+    """Run the flow in this process, on `api` (the ephemeral Prefect API `mfpipe run` started) unless
+    PREFECT_API_URL names a server.
 
     MLflow and matplotlib take seconds to import and the store seconds to open; a background thread
-    does that while Prefect starts its API (a separate process), so the two waits overlap.
+    does that while the API finishes starting (a separate process), so the waits overlap. Then what
+    is in memory is frozen out of the garbage collector: the run's full collections no longer walk
+    the million objects of the imported libraries (seconds per run, and again at exit).
     """
-    _plumbing.console_logs_to_stdout()
     threading.Thread(target=recording.warm_up, args=(config,), name="mfpipe-warm-up", daemon=True).start()
-    return retrain(config)
+    with _plumbing.own_api(api):
+        _plumbing.console_logs_to_stdout()
+        gc.freeze()
+        return retrain(config)

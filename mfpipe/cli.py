@@ -8,6 +8,7 @@ on stderr and exit code 2 (1: a failed run).
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     if code == 130:
         typer.echo("mfpipe: interrupted", err=True)
+    gc.freeze()  # else the interpreter's last collection walks every object of the run once more (seconds)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -119,12 +121,17 @@ def run(
     _check_data_source(cfg)
     if json_report is not None:  # an unusable report path fails now, not after the run
         json_report.parent.mkdir(parents=True, exist_ok=True)
-    from flows.retrain import run as run_flow
+    api = _start_prefect_api()
+    try:
+        from flows.retrain import run as run_flow
 
-    # With --json, stdout is the report alone: whatever the run prints (Prefect's console logs are bound
-    # to sys.stdout as it is when the flow starts) goes to stderr meanwhile.
-    with contextlib.redirect_stdout(sys.stderr) if json_ else contextlib.nullcontext():
-        outcome = run_flow(cfg)
+        # With --json, stdout is the report alone: whatever the run prints (Prefect's console logs are bound
+        # to sys.stdout as it is when the flow starts) goes to stderr meanwhile.
+        with contextlib.redirect_stdout(sys.stderr) if json_ else contextlib.nullcontext():
+            outcome = run_flow(cfg, api)
+    finally:
+        if api is not None:
+            _stop_prefect_api(api)
     if json_report is not None:
         json_report.write_text(json.dumps(outcome.report, indent=2))
     if json_:
@@ -147,6 +154,59 @@ def _check_data_source(cfg: Any) -> None:
     if Path(spec).expanduser().exists() or spec in PINNED_MD5 or synthetic_size(spec) is not None:
         return
     read_frame(spec, cfg.data_options, cfg.data_home, cfg.seed)
+
+
+def _start_prefect_api() -> Any:
+    """This run's own ephemeral Prefect API, started now so that its start-up overlaps the imports.
+
+    Without PREFECT_API_URL, Prefect itself would start the same server (`uvicorn` over
+    `prefect.server.api.server:create_app`, as its `SubprocessASGIServer` does) only when the flow
+    begins, after the seconds of importing mfpipe and Prefect, and after importing Prefect's whole
+    server stack into this process too. None when Prefect already has an API: PREFECT_API_URL in the
+    environment, or in the settings of a Prefect this process imported before (a test harness). A
+    server named only in a Prefect profile is seen once Prefect is imported; `flows.retrain.run` then
+    stops this one unused. Same process group as this one, like Prefect's: a Ctrl-C reaches both.
+    """
+    import importlib.util
+    import os
+    import subprocess
+    import tempfile
+
+    from mfpipe import services
+
+    if "prefect" in sys.modules:
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return None
+    elif os.environ.get("PREFECT_API_URL"):
+        return None
+    spec = importlib.util.find_spec("prefect")  # locates the package without importing it
+    assert spec is not None and spec.submodule_search_locations
+    url = f"http://{services.LOCALHOST}:{services.free_port()}"
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+               "--factory", "prefect.server.api.server:create_app", "--host", services.LOCALHOST,
+               "--port", url.rsplit(":", 1)[1], "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    log_path = Path(tempfile.mkstemp(prefix="mfpipe-prefect-api-", suffix=".log")[1])
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return services.Service("Prefect API", url, f"{url}/api/health", process, log_path)
+
+
+def _stop_prefect_api(api: Any) -> None:
+    """SIGTERM, as Prefect stops its own; SIGKILL if it has not ended within 10 s. Its log is kept if it failed."""
+    import subprocess
+
+    failed = api.process.poll() not in (None, 0)
+    api.process.terminate()
+    try:
+        api.process.wait(10)
+    except subprocess.TimeoutExpired:
+        api.process.kill()
+        api.process.wait()
+    if not failed:
+        api.log_path.unlink(missing_ok=True)
 
 
 def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:

@@ -8,6 +8,7 @@ one MfpipeError line (exit 1).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -124,7 +125,7 @@ def _start_parent(
         },
     )
     tracking.log_dataset(store, [parent], data.name, data.digest, config.data, len(data), "training")
-    tracking.log_json(store, parent, environment(), "environment.json")
+    tracking.log_json(store, parent, _environment(), "environment.json")
     return parent
 
 
@@ -198,31 +199,27 @@ def record_model(ctx: RunContext, result: ModelResult, trained: Trained | None, 
 def _record_finished(
     ctx: RunContext, run_id: str, result: ModelResult, trained: Trained, split: Split, config: Config
 ) -> None:
+    """Log a finished model's pyfunc, values and details into its child run, then register it.
+
+    The pyfunc goes first: logged into a run that has metrics already, MLflow links them to the model
+    by reading back the history of every metric key (a request each, ~90 per model); logged after
+    it, the metrics carry the model's id and are linked by the same batch that logs them.
+    """
     assert result.evaluation is not None
-    store = ctx.store
+    catalog = serving.Catalog.of(split.train)
+    with _scratch() as folder:
+        model_path = trained.model.save(folder / f"{result.model}.npz")
+        uri = serving.log_to_run(run_id, model_path, catalog.save(folder / "catalog.npz"))
     metrics = result.evaluation.mlflow_metrics()
     tracking.log_values(
-        store,
+        ctx.store,
         run_id,
         metrics={**metrics, **result.rating_metrics, "train_seconds": trained.train_seconds},
         params={**trained.params, "threads": trained.threads},
         tags={"status": "ok"},
+        model_id=tracking.logged_model_id(uri),
     )
-    tracking.log_curves(store, run_id, epoch_curves(trained.model.history))
-    if trained.search is not None:
-        record_search(ctx, run_id, trained.search)
-    for part, context in ((split.train, "training"), (split.validation, "validation")):
-        tracking.log_dataset(store, [run_id], f"{part.name} {context}", part.digest, config.data, len(part), context)
-    store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
-    catalog = serving.Catalog.of(split.train)
-    factors = getattr(trained.model, "item_factors", None)
-    if factors is not None:  # what the strongest latent dimensions mean, by the items at their two ends
-        figure = factor_report(factors, catalog.item_ids, catalog.titles)
-        tracking.log_figure(store, run_id, figure, "plots/factors.png")
-    with _scratch() as folder:
-        model_path = trained.model.save(folder / f"{result.model}.npz")
-        catalog_path = catalog.save(folder / "catalog.npz")
-        uri = serving.log_to_run(run_id, model_path, catalog_path)
+    _record_details(ctx, run_id, result, trained, split, config, catalog)
     keys = [metric_key(m, config.k, v) for m in METRICS for v in ("", "all", "cold")]
     tags = {
         **ctx.lineage,
@@ -231,9 +228,28 @@ def _record_finished(
         PROFILE_TAG: ctx.data_profile or None,
         **{key: finite_or_none(metrics.get(key)) for key in keys},
     }
-    result.version = tracking.register(store, ctx.registered_model, uri, run_id, tags)
+    result.version = tracking.register(ctx.store, ctx.registered_model, uri, run_id, tags)
     result.registered_model = ctx.registered_model
-    tracking.describe_version(store, ctx.registered_model, result.version, version_description(result, split))
+    tracking.describe_version(ctx.store, ctx.registered_model, result.version, version_description(result, split))
+
+
+def _record_details(
+    ctx: RunContext, run_id: str, result: ModelResult, trained: Trained, split: Split, config: Config,
+    catalog: serving.Catalog,
+) -> None:  # fmt: skip
+    """Curves, search trials, dataset inputs, the per-user table and the factor report of a finished model."""
+    assert result.evaluation is not None
+    store = ctx.store
+    tracking.log_curves(store, run_id, epoch_curves(trained.model.history))
+    if trained.search is not None:
+        record_search(ctx, run_id, trained.search)
+    for part, context in ((split.train, "training"), (split.validation, "validation")):
+        tracking.log_dataset(store, [run_id], f"{part.name} {context}", part.digest, config.data, len(part), context)
+    store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
+    factors = getattr(trained.model, "item_factors", None)
+    if factors is not None:  # what the strongest latent dimensions mean, by the items at their two ends
+        figure = factor_report(factors, catalog.item_ids, catalog.titles)
+        tracking.log_figure(store, run_id, figure, "plots/factors.png")
 
 
 def record_search(ctx: RunContext, model_run_id: str, searched: SearchResult) -> None:
@@ -328,12 +344,19 @@ def close_run(ctx: RunContext, ok: bool, error: str | None, metrics: dict[str, f
             tracking.end_run(ctx.store, ctx.parent_run_id, ok=ok)
 
 
-def warm_up(config: Config) -> None:
-    """Import matplotlib's backend and open the store (a new sqlite store creates its tables) ahead of use."""
-    import matplotlib
+@functools.cache
+def _environment() -> dict[str, Any]:
+    """`lineage.environment()` once per process: reading every installed package's metadata takes a quarter second."""
+    return environment()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot
+
+def warm_up(config: Config) -> None:
+    """Ahead of use: import matplotlib's figure and PNG backend, read the environment, open the store (a new
+    sqlite store creates its tables)."""
+    import matplotlib.backends.backend_agg
+    import matplotlib.figure  # noqa: F401
+
+    _environment()
 
     with contextlib.suppress(Exception):  # a broken store is reported where it is used, not here
         tracking.open_store(config.tracking_uri)

@@ -286,11 +286,17 @@ def log_values(
     metrics: dict[str, float] | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, Any] | None = None,
+    model_id: str | None = None,
 ) -> None:
-    """One batch call: metrics (finite only; MLflow rejects NaN in some stores), params, tags."""
+    """One batch call: metrics (finite only; MLflow rejects NaN in some stores), params, tags.
+
+    With `model_id` (a model logged into the run) the metrics are the logged model's too.
+    """
     now = int(time.time() * 1000)
     batch_metrics = [
-        Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))
+        Metric(k, float(v), now, 0, model_id=model_id)
+        for k, v in (metrics or {}).items()
+        if v is not None and math.isfinite(float(v))
     ]
     batch_params = [Param(k, _param_text(v)) for k, v in (params or {}).items()]
     batch_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items() if v is not None]
@@ -315,6 +321,10 @@ def _param_text(value: Any) -> str:
     return text[:6000]
 
 
+#: Serialises dataset inputs of runs recorded in parallel (see `log_dataset`).
+_DATASET_LOCK = threading.Lock()
+
+
 def log_dataset(store: Store, run_ids: list[str], name: str, digest: str, source: str, rows: int, context: str) -> None:
     """The dataset as an MLflow dataset input carrying our content digest (no copy of the data)."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -334,8 +344,9 @@ def log_dataset(store: Store, run_ids: list[str], name: str, digest: str, source
     dataset = MetaDataset(HTTPDatasetSource(url=origin), name=name, digest=digest, schema=schema)
     entity = dataset._to_mlflow_entity()
     tags = [InputTag("mlflow.data.context", context), InputTag("rows", str(rows))]
-    for run_id in run_ids:
-        store.client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
+    with _DATASET_LOCK:  # the first run to log a dataset creates it: two at once collide on its unique key
+        for run_id in run_ids:
+            store.client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
 
 
 def log_dir(store: Store, run_id: str, local_dir: Path, artifact_path: str) -> None:
@@ -347,10 +358,8 @@ def log_json(store: Store, run_id: str, value: Any, artifact_file: str) -> None:
 
 
 def log_figure(store: Store, run_id: str, figure: Any, artifact_file: str) -> None:
-    import matplotlib.pyplot as plt
-
+    """A matplotlib figure made outside pyplot (nothing to close: it goes with its last reference)."""
     store.client().log_figure(run_id, figure, artifact_file)
-    plt.close(figure)
 
 
 # -- registry ---------------------------------------------------------------------------------------
@@ -369,12 +378,13 @@ def register(store: Store, name: str, model_uri: str, run_id: str, tags: dict[st
             raise
     clean = {k: str(v) for k, v in tags.items() if v is not None}
     version = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=clean, model_id=_model_id(model_uri)
+        name, source=model_uri, run_id=run_id, tags=clean, model_id=logged_model_id(model_uri)
     )
     return str(version.version)
 
 
-def _model_id(model_uri: str) -> str | None:
+def logged_model_id(model_uri: str) -> str | None:
+    """The id of the logged model a `models:/m-...` URI names (None for any other URI)."""
     return model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
 
 

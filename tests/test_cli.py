@@ -266,8 +266,27 @@ def first_run(tmp_path_factory) -> dict[str, typing.Any]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "MFPIPE_DATA_HOME": str(folder)}
     args = ["run", "--data", "synthetic:3000", "--models", "pop,als", "--config", "small.toml",
             "--json", "--json-report", "out/report.json"]  # fmt: skip
-    done = subprocess.run([str(MFPIPE), *args], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
-    return {"done": done, "folder": folder, "env": env}
+    env.pop("PREFECT_API_URL", None)  # the embedded default: the run starts its own ephemeral Prefect API
+    child = subprocess.Popen([str(MFPIPE), *args], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)  # fmt: skip
+    stdout, stderr = child.communicate(timeout=900)
+    done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+    return {"done": done, "folder": folder, "env": env, "group": child.pid}
+
+
+def test_run_stops_the_prefect_api_it_started(first_run):
+    """Nothing of the run's own ephemeral API outlives the command, and no MLflow tag links to its absent UI."""
+    assert first_run["done"].returncode == 0, first_run["done"].stderr
+    with pytest.raises(ProcessLookupError):
+        os.killpg(first_run["group"], 0)  # no process left in the run's process group
+    report = json.loads(first_run["done"].stdout)
+    store = f"sqlite:///{first_run['folder'] / 'mlflow.db'}"
+    from mlflow import MlflowClient
+
+    child = MlflowClient(store).get_run(report["models"][0]["run_id"])
+    parent = MlflowClient(store).get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["prefect.flow_run_id"] and "prefect.flow_run_url" not in parent.data.tags
+    assert "View at" not in first_run["done"].stderr
 
 
 def test_run_json_prints_the_report_on_stdout_and_logs_on_stderr(first_run):

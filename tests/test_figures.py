@@ -69,3 +69,12 @@ def test_mismatched_or_empty_input_is_an_error() -> None:
         factor_report(np.zeros((0, 4)), np.array([]), titles)
     with pytest.raises(ValueError, match=">= 1"):
         factor_report(factors, ids, titles, top=0)
+
+
+def test_the_longest_item_label_fits_in_the_figure() -> None:
+    factors, ids, _ = _planted()
+    long = {"m10": "A" * 60, "m20": "The Adventures of Milo and Otis (Koneko monogatari) (1986)"}
+    fig = factor_report(factors, ids, long)
+    fig.savefig(io.BytesIO(), format="png")
+    labels = [label for ax in fig.axes for label in ax.get_yticklabels()]
+    assert min(label.get_window_extent().x0 for label in labels) >= 0

@@ -55,6 +55,17 @@ def test_a_finished_model_is_a_version_with_metrics_named_after_k(recorded):
     assert run.data.metrics["ndcg_at_5"] == pytest.approx(pop.score)
 
 
+def test_the_logged_model_carries_the_metrics_of_its_run(recorded):
+    """Logged before its metrics (no read-back per metric key), the model is still linked to each of them."""
+    ctx, results, _, _ = recorded
+    pop = next(r for r in results if r.model == "pop")
+    client = ctx.store.client()
+    [model] = client.search_logged_models([ctx.experiment_id], filter_string=f"source_run_id = '{pop.run_id}'")
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked == client.get_run(pop.run_id).data.metrics
+    assert linked["ndcg_at_5"] == pytest.approx(pop.score)
+
+
 def test_a_failed_model_is_a_failed_child_run_and_no_version(recorded):
     ctx, results, _, _ = recorded
     bpr = next(r for r in results if r.model == "bpr")

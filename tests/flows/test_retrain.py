@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,22 @@ def test_dask_runner_needs_a_prefect_server():
 
     with temporary_settings({PREFECT_API_URL: None}), pytest.raises(MfpipeError, match="needs a Prefect server"):
         task_runner(load_config(overrides={"task_runner": "dask"}), 2)
+
+
+def test_an_early_prefect_api_steps_aside_for_a_configured_server():
+    """`mfpipe run` starts its API before Prefect's settings are read; a server named there wins, the early one ends."""
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import _plumbing
+    from mfpipe.services import Service
+
+    server = PREFECT_API_URL.value()  # the session's test server
+    early = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with _plumbing.own_api(Service("Prefect API", "http://127.0.0.1:9", "", early, Path("unused.log"))):
+        assert PREFECT_API_URL.value() == server and _plumbing.shared_api() == server
+    assert early.wait(30) is not None
 
 
 def test_failed_validation_trains_nothing_and_moves_nothing(first, store, tmp_path):
