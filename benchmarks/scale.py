@@ -12,8 +12,9 @@ What it prints (and writes as JSON to `<workdir>/scale.json`):
   without it;
 - `/usr/bin/time`'s wall time, user + system CPU seconds and maximum resident set size (the largest single
   process of the tree: the mfpipe process itself, or Surprise's forked child);
-- per stage: seconds from the report's `timing` block and the peak RSS of the mfpipe process sampled while
-  that stage ran (the stage windows come from Prefect's task-run log lines, so they are approximate to
+- per stage: seconds from the report's `timing` block, the peak RSS of the mfpipe process and the peak
+  PSS of the whole tree (children included, shared pages counted once) sampled while that stage ran (the
+  stage windows come from Prefect's task-run log lines, so they are approximate to
   the sampling interval);
 - the training phase: its wall time, the models' summed `train_seconds` (`train_sum_seconds` on the
   MLflow parent run), the CPU seconds the process tree spent in that window, and wall / (CPU / cores),
@@ -58,15 +59,17 @@ class Samples:
 
     times: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)  # the mfpipe process alone
-    tree_rss: list[int] = field(default_factory=list)  # mfpipe + its children (Prefect server, Surprise's fork)
+    # PSS of mfpipe + its children (Prefect server, Surprise's fork): the pages they share (the fork's
+    # copy-on-write frame) counted once, which a sum of RSS would count twice.
+    tree_pss: list[int] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # mfpipe's own + reaped children's, + live children's
 
     def window(self, start: float, end: float) -> tuple[int, int, float]:
-        """Peak RSS, peak tree RSS and CPU seconds spent between `start` and `end` (monotonic seconds)."""
+        """Peak RSS, peak tree PSS and CPU seconds spent between `start` and `end` (monotonic seconds)."""
         idx = [i for i, t in enumerate(self.times) if start <= t <= end]
         if not idx:
             return 0, 0, 0.0
-        return max(self.rss[i] for i in idx), max(self.tree_rss[i] for i in idx), self.cpu[idx[-1]] - self.cpu[idx[0]]
+        return max(self.rss[i] for i in idx), max(self.tree_pss[i] for i in idx), self.cpu[idx[-1]] - self.cpu[idx[0]]
 
 
 def _mfpipe_process(time_pid: int) -> psutil.Process | None:
@@ -89,17 +92,17 @@ def _sample(time_pid: int, samples: Samples, stop: threading.Event, interval: fl
                     rss = proc.memory_info().rss
                     c = proc.cpu_times()
                     cpu = c.user + c.system + c.children_user + c.children_system
-                tree = rss
+                tree = proc.memory_full_info().pss
                 for child in proc.children(recursive=True):
                     try:
-                        tree += child.memory_info().rss
+                        tree += child.memory_full_info().pss
                         cc = child.cpu_times()
                         cpu += cc.user + cc.system
                     except psutil.NoSuchProcess:
                         continue
                 samples.times.append(time.monotonic())
                 samples.rss.append(rss)
-                samples.tree_rss.append(tree)
+                samples.tree_pss.append(tree)
                 samples.cpu.append(cpu)
             except psutil.NoSuchProcess:
                 pass
@@ -186,7 +189,7 @@ def run(size: str, workdir: Path, models: str | None, extra: list[str], interval
         end = marks.get(stage, start)
         peak, tree_peak, cpu = samples.window(start, end)
         stages[stage] = {"window_seconds": round(end - start, 1), "peak_rss_gib": round(peak / GIB, 2),
-                         "peak_tree_rss_gib": round(tree_peak / GIB, 2), "cpu_seconds": round(cpu, 1)}  # fmt: skip
+                         "peak_tree_pss_gib": round(tree_peak / GIB, 2), "cpu_seconds": round(cpu, 1)}  # fmt: skip
         start = end
     timing = doc["timing"]["stages"]
     train_sum = sum(m.get("train_seconds") or 0.0 for m in doc["models"])
@@ -220,17 +223,17 @@ def table(result: dict[str, Any]) -> str:
         f"load before: {result['uptime_before']}",
         f"load after:  {result['uptime_after']}",
         "",
-        "| stage | seconds (report) | peak RSS mfpipe (GiB) | peak RSS tree (GiB) | CPU s in window |",
+        "| stage | seconds (report) | peak RSS mfpipe (GiB) | peak PSS tree (GiB) | CPU s in window |",
         "|---|---:|---:|---:|---:|",
     ]
     secs = result["stage_seconds"]
     for stage in ("load", "validate", "split", "train", "evaluate"):
         s = result["stages"][stage]
-        lines.append(f"| {stage} | {secs[stage]:.1f} | {s['peak_rss_gib']:.2f} | {s['peak_tree_rss_gib']:.2f} "
+        lines.append(f"| {stage} | {secs[stage]:.1f} | {s['peak_rss_gib']:.2f} | {s['peak_tree_pss_gib']:.2f} "
                      f"| {s['cpu_seconds']:.1f} |")  # fmt: skip
     s = result["stages"]["tracking"]
     lines.append(f"| tracking + promote | {secs['tracking'] + secs['promote']:.1f} | {s['peak_rss_gib']:.2f} "
-                 f"| {s['peak_tree_rss_gib']:.2f} | {s['cpu_seconds']:.1f} |")  # fmt: skip
+                 f"| {s['peak_tree_pss_gib']:.2f} | {s['cpu_seconds']:.1f} |")  # fmt: skip
     cpu = result["user_seconds"] + result["system_seconds"]
     models = result["models"].items()
     lines += [
