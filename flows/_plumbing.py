@@ -86,17 +86,6 @@ def gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     return done, failed
 
 
-def results(futures: list[Any]) -> list[Any]:
-    """Results of futures, in order, once all are done; then the first failure raises.
-
-    Waiting for all first: a run that fails is closed only when none of its writes is still under way.
-    """
-    from prefect.futures import wait
-
-    wait(futures)
-    return [future.result() for future in futures]
-
-
 def cache_key(stage: str, *sections: str) -> Any:
     """Cache key from the source key and the config sections the stage reads."""
 

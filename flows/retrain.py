@@ -121,9 +121,10 @@ def score_test(ctx: RunContext, decision: Decision, trained: dict[str, training.
     return value
 
 
-@task(name="plot", **_plumbing.STORE_TASK)
-def plot(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> None:
+@task(name="publish", **_plumbing.STORE_TASK)
+def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> None:
     recording.record_figures(ctx, results, split, config)
+    create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
 
 
 def train_all(split: Split, config: Config) -> tuple[dict[str, training.Trained], dict[str, str]]:
@@ -180,15 +181,14 @@ def retrain(config: Config) -> RunOutcome:
 def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, trained: dict[str, training.Trained],
                        results: list[ModelResult], config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
     """Register every candidate, move `champion` if the best one earned it, publish, close the run."""
-    with stages("tracking"):  # the models' child runs and the run's plots are written at once
-        recorded = [record.submit(ctx, r, trained.get(r.model), parts, config) for r in results]
-        *results, _ = _plumbing.results([*recorded, plot.submit(ctx, results, parts, config)])
+    with stages("tracking"):
+        results = [record(ctx, r, trained.get(r.model), parts, config) for r in results]
     report.raise_if_all_failed(results)
     with stages("promote"):
         decision = promote_best(ctx, results, parts, config)
         test_ndcg = score_test(ctx, decision, trained, results, parts, config)
     with stages("tracking"):
-        create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
+        publish(ctx, results, parts, config)
         train_sum = sum(t.train_seconds for t in trained.values())
         timing = {f"stage_{name}_seconds": value for name, value in stages.seconds.items()}
         recording.close_run(ctx, ok=True, error=None, metrics={**timing, "train_sum_seconds": train_sum})

@@ -321,10 +321,6 @@ def _param_text(value: Any) -> str:
     return text[:6000]
 
 
-#: Serialises dataset inputs of runs recorded in parallel (see `log_dataset`).
-_DATASET_LOCK = threading.Lock()
-
-
 def log_dataset(store: Store, run_ids: list[str], name: str, digest: str, source: str, rows: int, context: str) -> None:
     """The dataset as an MLflow dataset input carrying our content digest (no copy of the data)."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -344,9 +340,8 @@ def log_dataset(store: Store, run_ids: list[str], name: str, digest: str, source
     dataset = MetaDataset(HTTPDatasetSource(url=origin), name=name, digest=digest, schema=schema)
     entity = dataset._to_mlflow_entity()
     tags = [InputTag("mlflow.data.context", context), InputTag("rows", str(rows))]
-    with _DATASET_LOCK:  # the first run to log a dataset creates it: two at once collide on its unique key
-        for run_id in run_ids:
-            store.client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
+    for run_id in run_ids:
+        store.client().log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
 
 
 def log_dir(store: Store, run_id: str, local_dir: Path, artifact_path: str) -> None:
