@@ -81,4 +81,3 @@ def environment() -> dict[str, Any]:
     """What ran: Python, platform and every installed distribution with its version."""
     packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]})
     return {"python": sys.version.split()[0], "platform": sys.platform, "mfpipe": __version__, "packages": packages}
-

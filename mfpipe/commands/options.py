@@ -1,5 +1,4 @@
-"""What several commands share, declared once: option groups and types, the console, the registered model.
-"""
+"""What several commands share, declared once: option groups and types, the console, the registered model."""
 
 from __future__ import annotations
 
