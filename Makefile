@@ -49,7 +49,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not services"
 
 lint: setup
-	$(BIN)/ruff check mfpipe flows tests
+	$(BIN)/ruff check mfpipe flows tests benchmarks
+	$(BIN)/ruff format --check mfpipe flows tests benchmarks
 
 bench: setup
 	$(BIN)/mfpipe bench --json-report reports/bench.json
