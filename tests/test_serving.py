@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mfpipe import pyfunc_model, serving, tracking
+from mfpipe import http_server, pyfunc_model, serving, tracking
 from mfpipe.cli import main
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
@@ -183,13 +183,13 @@ def test_answer_reads_mlflow_request_formats():
         {"inputs": {"user_id": ["u1"], "k": [1]}},
     ]
     for body in bodies:
-        rows = json.loads(serving.answer(recs, json.dumps(body).encode()))["predictions"]
+        rows = json.loads(http_server.answer(recs, json.dumps(body).encode()))["predictions"]
         assert rows == [
             {"user_id": "u1", "rank": 1, "item_id": "i3", "score": 2.0, "title": "Three", "source": "model"}
         ]
     for bad in (b"[", b"[]", b'{"rows": []}', b'{"dataframe_records": [{"k": 1}]}'):
         with pytest.raises(ValueError):
-            serving.answer(recs, bad)
+            http_server.answer(recs, bad)
 
 
 def _post(port: int, body: dict) -> tuple[int, dict]:
@@ -207,7 +207,7 @@ def test_http_server_answers_and_rejects_bad_input(tmp_path):
     data = tiny()
     model_path = create("pop").fit(data).save(tmp_path / "pop.npz")
     recs = pyfunc_model.Recommendations.load(model_path, serving.Catalog.of(data).save(tmp_path / "c.npz"))
-    server = serving.make_server(recs, 0)
+    server = http_server.make_server(recs, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -223,11 +223,11 @@ def test_http_server_answers_and_rejects_bad_input(tmp_path):
         server.server_close()
 
 
-def _pop_server() -> serving.Server:
+def _pop_server() -> http_server.Server:
     data = tiny()
     scorer = create("pop").fit(data).scorer()
     catalog = pyfunc_model.Catalog(data.user_ids, data.item_ids, np.array(["One", None, "Three", None], dtype=object))
-    server = serving.make_server(pyfunc_model.Recommendations(scorer, catalog), 0)
+    server = http_server.make_server(pyfunc_model.Recommendations(scorer, catalog), 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -346,15 +346,15 @@ def test_answer_is_json_dumps_of_the_rows():
     columns = recs.columns(["u1", 'é"x', "u2"], [4, 3, 4], [None, None, ["i3"]])
     rows = zip(*(columns[n].tolist() for n in pyfunc_model.OUTPUT_COLUMNS), strict=True)
     expected = json.dumps({"predictions": [dict(zip(pyfunc_model.OUTPUT_COLUMNS, r, strict=True)) for r in rows]})
-    assert serving.answer(recs, json.dumps({**body, "params": {"k": 4}}).encode()) == expected.encode()
-    assert serving.answer(recs, b'{"inputs": {"user_id": []}}') == b'{"predictions": []}'
+    assert http_server.answer(recs, json.dumps({**body, "params": {"k": 4}}).encode()) == expected.encode()
+    assert http_server.answer(recs, b'{"inputs": {"user_id": []}}') == b'{"predictions": []}'
 
 
 def test_parse_request_waits_for_a_whole_request():
     whole = b"POST /invocations?x=1 HTTP/1.1\r\nContent-Length: 2\r\nConnection: Close\r\n\r\n{}GET"
     for cut in (0, 10, whole.index(b"{}"), whole.index(b"{}") + 1):
-        assert serving.parse_request(whole[:cut]) == (None, 0)
-    request, used = serving.parse_request(whole)
+        assert http_server.parse_request(whole[:cut]) == (None, 0)
+    request, used = http_server.parse_request(whole)
     assert (request.method, request.path, request.body, used) == ("POST", "/invocations", b"{}", len(whole) - 3)
     assert not request.keep_alive
 
@@ -437,7 +437,7 @@ def test_a_shutdown_asked_before_serving_starts_still_stops_it():
     data = tiny()
     recs = pyfunc_model.Recommendations(create("pop").fit(data).scorer(), pyfunc_model.Catalog(
         data.user_ids, data.item_ids, np.array([None] * 4, dtype=object)))  # fmt: skip
-    server = serving.make_server(recs, 0)
+    server = http_server.make_server(recs, 0)
     stopper = threading.Thread(target=server.shutdown, daemon=True)
     stopper.start()
     time.sleep(0.2)  # shutdown is waiting before serve_forever runs

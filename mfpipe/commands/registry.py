@@ -188,11 +188,11 @@ def serve(
     The version is read from its `.npz` artifacts and answered by the installed code, never by running
     what the registry holds; on a host without mfpipe, `mlflow models serve -m models:/NAME@champion` works.
     """
-    from mfpipe import serving
+    from mfpipe import http_server, serving
 
     store, name = registered_model(dataset, config)
     uri = serving.champion_version_uri(store, name)
-    server = serving.make_server(serving.load_recommendations(uri), port)
+    server = http_server.make_server(serving.load_recommendations(uri), port)
     typer.echo(f"Serving {uri} on http://127.0.0.1:{port}/invocations (Ctrl-C stops)")
     try:
         server.serve_forever()
