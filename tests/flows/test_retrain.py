@@ -196,3 +196,19 @@ def test_search_tunes_on_an_inner_split_and_logs_every_trial_nested(tmp_path):
     run_params = client.get_run(als["run_id"]).data.params
     logged = {key: value if isinstance(value, str) else json.dumps(value) for key, value in best["params"].items()}
     assert all(run_params[key] == text for key, text in logged.items())  # the refit used the best setting
+
+
+def test_task_arguments_are_cheap_for_prefect_to_walk():
+    """Prefect walks every dict, list and dataclass of a task's arguments twice per call: the split the
+    tasks receive must not carry its thousands of item titles as a dict (seconds per run)."""
+    from prefect.utilities.collections import visit_collection
+
+    from mfpipe import prepare
+
+    cfg = load_config(overrides={"data": "synthetic:5000"})
+    data, parts = prepare.split(prepare.load(cfg), cfg)
+    assert data.titles is not None and len(data.titles) > 300
+    assert data.titles[data.item_ids[0]] and dict(data.titles) == dict(parts.train.titles)
+    visited = []
+    visit_collection((data, parts), lambda value: visited.append(value), return_data=False)
+    assert len(visited) < 100
