@@ -121,7 +121,10 @@ def run(
     _check_data_source(cfg)
     if json_report is not None:  # an unusable report path fails now, not after the run
         json_report.parent.mkdir(parents=True, exist_ok=True)
-    api = _start_prefect_api()
+    from mfpipe import services
+
+    # This run's own Prefect API, started before the imports below so that its start-up overlaps them.
+    api = None if _prefect_has_api() else services.start_ephemeral_prefect_api()
     try:
         from flows.retrain import run as run_flow
 
@@ -131,7 +134,7 @@ def run(
             outcome = run_flow(cfg, api)
     finally:
         if api is not None:
-            _stop_prefect_api(api)
+            api.stop(timeout=10)
     if json_report is not None:
         json_report.write_text(json.dumps(outcome.report, indent=2))
     if json_:
@@ -156,57 +159,22 @@ def _check_data_source(cfg: Any) -> None:
     read_frame(spec, cfg.data_options, cfg.data_home, cfg.seed)
 
 
-def _start_prefect_api() -> Any:
-    """This run's own ephemeral Prefect API, started now so that its start-up overlaps the imports.
+def _prefect_has_api() -> bool:
+    """Whether Prefect already has an API, so that `mfpipe run` need not start its own ephemeral one.
 
-    Without PREFECT_API_URL, Prefect itself would start the same server (`uvicorn` over
-    `prefect.server.api.server:create_app`, as its `SubprocessASGIServer` does) only when the flow
-    begins, after the seconds of importing mfpipe and Prefect, and after importing Prefect's whole
-    server stack into this process too. None when Prefect already has an API: PREFECT_API_URL in the
-    environment, or in the settings of a Prefect this process imported before (a test harness). A
-    server named only in a Prefect profile is seen once Prefect is imported; `flows.retrain.run` then
-    stops this one unused. Same process group as this one, like Prefect's: a Ctrl-C reaches both.
+    Without PREFECT_API_URL, Prefect itself would start the same server only when the flow begins, after
+    the seconds of importing mfpipe and Prefect, and after importing Prefect's whole server stack into this
+    process too. True when PREFECT_API_URL is in the environment, or in the settings of a Prefect this
+    process imported before (a test harness). A server named only in a Prefect profile is seen once Prefect
+    is imported; `flows.retrain.run` then stops the early one unused.
     """
-    import importlib.util
     import os
-    import subprocess
-    import tempfile
-
-    from mfpipe import services
 
     if "prefect" in sys.modules:
         from prefect.settings import PREFECT_API_URL
 
-        if PREFECT_API_URL.value():
-            return None
-    elif os.environ.get("PREFECT_API_URL"):
-        return None
-    spec = importlib.util.find_spec("prefect")  # locates the package without importing it
-    assert spec is not None and spec.submodule_search_locations
-    url = f"http://{services.LOCALHOST}:{services.free_port()}"
-    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
-               "--factory", "prefect.server.api.server:create_app", "--host", services.LOCALHOST,
-               "--port", url.rsplit(":", 1)[1], "--log-level", "error", "--lifespan", "on"]  # fmt: skip
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    log_path = Path(tempfile.mkstemp(prefix="mfpipe-prefect-api-", suffix=".log")[1])
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    return services.Service("Prefect API", url, f"{url}/api/health", process, log_path)
-
-
-def _stop_prefect_api(api: Any) -> None:
-    """SIGTERM, as Prefect stops its own; SIGKILL if it has not ended within 10 s. Its log is kept if it failed."""
-    import subprocess
-
-    failed = api.process.poll() not in (None, 0)
-    api.process.terminate()
-    try:
-        api.process.wait(10)
-    except subprocess.TimeoutExpired:
-        api.process.kill()
-        api.process.wait()
-    if not failed:
-        api.log_path.unlink(missing_ok=True)
+        return bool(PREFECT_API_URL.value())
+    return bool(os.environ.get("PREFECT_API_URL"))
 
 
 def _print_outcome(outcome: Any, k: int, json_report: Path | None) -> None:

@@ -3,17 +3,20 @@
 One helper for `mfpipe up` and the services test fixtures, so both start the Prefect server and the
 MLflow server with the same commands and environment as `docker/compose.yaml` (which runs them on
 0.0.0.0 inside its network). Children get their own session so a Ctrl-C in the terminal reaches only
-the parent, which then stops them in order (SIGTERM, wait, SIGKILL only after a timeout).
+the parent, which then stops them in order (SIGTERM, wait, SIGKILL only after a timeout). The one
+exception is the ephemeral Prefect API of `mfpipe run`, which shares the run's process group.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,13 +44,19 @@ QUIET_ENV = {
 
 @dataclass
 class Service:
-    """A running server: its base URL, health URL, child process and log file."""
+    """A running server: its base URL, health URL, child process and log file.
+
+    `own_group`: the child leads a process group of its own (else it shares ours, and a SIGKILL goes to
+    it alone). `scratch_log`: its log is deleted on `stop` unless the server had failed (exited non-zero).
+    """
 
     name: str
     url: str
     health_url: str
     process: subprocess.Popen
     log_path: Path
+    own_group: bool = True
+    scratch_log: bool = False
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -61,14 +70,22 @@ class Service:
         return " | ".join(line.strip() for line in text[-lines:] if line.strip())
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the server (it stops its own children), wait; SIGKILL its process group after `timeout`."""
+        """SIGTERM the server (it stops its own children), wait; after `timeout` SIGKILL its process group,
+        or the process alone if it shares our group (a killpg would kill us too). A scratch log goes unless
+        the server had failed."""
+        failed = self.process.poll() not in (None, 0)
         if self.running():
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                if self.own_group:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                else:
+                    self.process.kill()
                 self.process.wait()
+        if self.scratch_log and not failed:
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
 
@@ -138,14 +155,21 @@ def spawn(
     env: Mapping[str, str] | None = None,
 ) -> Service:
     """Start `command` in its own session with output to `log_path`; does not wait for health."""
+    return _start(name, command, url, health_url, log_path, {**os.environ, **QUIET_ENV, **(env or {})})
+
+
+def _start(
+    name: str, command: Sequence[str], url: str, health_url: str, log_path: Path, env: Mapping[str, str],
+    own_group: bool = True, scratch_log: bool = False,
+) -> Service:  # fmt: skip
+    """`command` with output to `log_path`, in a session of its own unless `own_group` is False."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, **QUIET_ENV, **(env or {})}
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_env, start_new_session=True,
+            env=dict(env), start_new_session=own_group,
         )  # fmt: skip
-    return Service(name=name, url=url, health_url=health_url, process=process, log_path=log_path)
+    return Service(name, url, health_url, process, log_path, own_group, scratch_log)
 
 
 def start_services(starters: Sequence[Callable[[], Service]], timeout: float = 300.0) -> list[Service]:
@@ -235,6 +259,26 @@ def mlflow_server(
     url = _base_url(host, port)
     command = mlflow_server_command(port, backend_store_uri, artifacts_destination, host, auth=auth_env is not None)
     return spawn("MLflow server", command, url, f"{url}/health", log_path, auth_env)
+
+
+def start_ephemeral_prefect_api() -> Service:
+    """An ephemeral Prefect API for this process alone, as Prefect starts its own; does not wait for health.
+
+    The same server as Prefect's `SubprocessASGIServer` (`uvicorn` over `prefect.server.api.server:create_app`,
+    no UI), located without importing Prefect, so that `mfpipe run` can start it before its imports and
+    they overlap. Same process group as this one, like Prefect's: a Ctrl-C reaches both. Its log is a
+    temporary file, kept only if the server fails. Stop it as Prefect does: `stop(timeout=10)`.
+    """
+    spec = importlib.util.find_spec("prefect")  # locates the package without importing it
+    assert spec is not None and spec.submodule_search_locations
+    port = free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    command = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+               "--factory", "prefect.server.api.server:create_app", "--host", LOCALHOST, "--port", str(port),
+               "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    log_path = Path(tempfile.mkstemp(prefix="mfpipe-prefect-api-", suffix=".log")[1])
+    return _start("Prefect API", command, url, f"{url}/api/health", log_path, env, own_group=False, scratch_log=True)
 
 
 def prefect_api_url(service: Service) -> str:
