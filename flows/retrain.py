@@ -4,12 +4,15 @@ Each task is a few lines around one library function. Load, validate and split a
 spec and files, the config sections they read, the mfpipe version); training never is. Training fans out
 on the configured task runner: threads by default (each model gets a share of the cores), or a Dask
 cluster (`task_runner="dask"`, which needs a Prefect server so that workers can report their task runs).
+The MLflow parent run opens while the models train, and each model is evaluated, registered and recorded
+as soon as it is trained: only the last one to finish waits behind the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import threading
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 
 from flows import _plumbing
@@ -127,23 +131,50 @@ def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: C
     create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
 
 
-def train_all(split: Split, config: Config) -> tuple[dict[str, training.Trained], dict[str, str]]:
-    """One training task per model, all at once, sharing the cores; a failure never stops the others."""
+def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Config, stages: Stages
+                     ) -> tuple[dict[str, training.Trained], list[ModelResult]]:  # fmt: skip
+    """One training task per model, all at once, sharing the cores; each model is evaluated and recorded
+    (on the flow's thread, one at a time) as soon as it is trained, while the others still train.
+
+    The stages are the run's critical path: what is evaluated and recorded while a model still trains
+    costs no wall time and counts as training; the last model's evaluation and record are `evaluate`
+    and `tracking`. A failed model is recorded as failed and never stops the others.
+    """
     budget, logger = training.CoreBudget(config.threads, config.models), get_run_logger()
     logger.info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s), {config.task_runner}")
     progress = training.watch(budget, lambda now: logger.info("; ".join(f"{n}: {p}" for n, p in now.items())))
+    trained: dict[str, training.Trained] = {}
+    results: dict[str, ModelResult] = {}
+
+    def finish(future: PrefectFuture[training.Trained], timed: Stages | None = None) -> None:
+        name = names[future]
+        stage = timed or (lambda _: contextlib.nullcontext())
+        evaluation, error = None, ""
+        try:
+            trained[name] = future.result()
+            with stage("evaluate"):
+                evaluation = evaluate(trained[name], split, config)
+        except Exception as exc:  # a failing model must not stop the others
+            error = one_line(exc)
+            logger.warning(f"{name} failed and is left out of promotion: {error}")
+        result = report.model_result(name, trained.get(name), evaluation, error, split)
+        with stage("tracking"):
+            results[name] = record(opened.result(), result, trained.get(name), split, config)
+
     try:
         with _plumbing.task_runner(config, len(config.models)) as runner:
-            futures = {name: runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget})
-                       for name in config.models}  # fmt: skip
-            return _plumbing.gather(futures)
+            names = {runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget}): name
+                     for name in config.models}  # fmt: skip
+            finished = as_completed(list(names))
+            with stages("train"):
+                for future in itertools.islice(finished, len(names) - 1):
+                    finish(future)
+                last = next(finished)
+            progress.set()
+            finish(last, stages)
     finally:
         progress.set()
-
-
-def evaluate_all(trained: dict[str, training.Trained], split: Split, config: Config
-                 ) -> tuple[dict[str, EvaluationReport], dict[str, str]]:  # fmt: skip
-    return _plumbing.gather({name: evaluate.submit(t, split, config) for name, t in trained.items()})
+    return trained, [results[name] for name in config.models]
 
 
 @flow(name="retrain", description="Load, validate, split, train all models in parallel, evaluate, register, promote.")
@@ -163,26 +194,20 @@ def retrain(config: Config) -> RunOutcome:
     del frame  # its rows live on in `data`: free the string frame (~1.4 GB at 32M) before training
     if config.skip_unchanged and unchanged(config, data):
         return skipped(data, parts, config, stages)
-    with stages("train"):
-        trained, failures = train_all(parts, config)
-    with stages("evaluate"):
-        reports, eval_failures = evaluate_all(trained, parts, config)
-    results = report.collect_results(config.models, trained, reports, failures | eval_failures, parts)
-    with stages("tracking"):
-        ctx = open_run(config, data, parts, validated)
+    opened = open_run.submit(config, data, parts, validated)  # while the models train
     try:
-        return record_and_promote(ctx, data, parts, trained, results, config, stages)
+        trained, results = train_and_record(opened, parts, config, stages)
+        return promote_and_publish(opened.result(), data, parts, trained, results, config, stages)
     except BaseException as exc:
-        with contextlib.suppress(MfpipeError):  # a store that went away cannot close the run: the next run will
-            recording.close_run(ctx, ok=False, error=one_line(exc))
+        if opened.state.is_completed():  # a store that went away cannot close the run: the next run will
+            with contextlib.suppress(MfpipeError):
+                recording.close_run(opened.result(), ok=False, error=one_line(exc))
         raise
 
 
-def record_and_promote(ctx: RunContext, data: Interactions, parts: Split, trained: dict[str, training.Trained],
-                       results: list[ModelResult], config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
-    """Register every candidate, move `champion` if the best one earned it, publish, close the run."""
-    with stages("tracking"):
-        results = [record(ctx, r, trained.get(r.model), parts, config) for r in results]
+def promote_and_publish(ctx: RunContext, data: Interactions, parts: Split, trained: dict[str, training.Trained],
+                        results: list[ModelResult], config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
+    """Move `champion` if the best recorded candidate earned it, publish, close the run."""
     report.raise_if_all_failed(results)
     with stages("promote"):
         decision = promote_best(ctx, results, parts, config)

@@ -160,17 +160,22 @@ def collect_results(
     split: Split,
 ) -> list[ModelResult]:  # fmt: skip
     """One result per requested model, in `--models` order: evaluated ones ok, the rest failed with their error."""
-    results = []
-    for name in models:
-        if name in reports:
-            t = trained[name]
-            results.append(ModelResult(
-                name, "ok", train_seconds=t.train_seconds, evaluation=reports[name], history=t.model.history,
-                rating_metrics=rating_metrics(t.model, split),
-            ))  # fmt: skip
-        else:
-            results.append(ModelResult(name, "failed", error=failures.get(name, "not trained")))
-    return results
+    return [
+        model_result(name, trained.get(name), reports.get(name), failures.get(name, "not trained"), split)
+        for name in models
+    ]
+
+
+def model_result(
+    name: str, trained: Trained | None, evaluation: EvaluationReport | None, error: str, split: Split
+) -> ModelResult:  # fmt: skip
+    """The result of one model: ok once trained and evaluated, else failed with `error`."""
+    if trained is None or evaluation is None:
+        return ModelResult(name, "failed", error=error)
+    return ModelResult(
+        name, "ok", train_seconds=trained.train_seconds, evaluation=evaluation, history=trained.model.history,
+        rating_metrics=rating_metrics(trained.model, split),
+    )  # fmt: skip
 
 
 def raise_if_all_failed(results: list[ModelResult]) -> None:

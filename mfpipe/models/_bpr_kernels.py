@@ -421,7 +421,7 @@ def _run_chunk(
     return state, loss if learn else np.float64(sink), correct, skipped
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def train_epochs(
     user_factors, item_factors, item_bias, pairs, slots, n_items, popularity,
     states, samples_per_epoch, learning_rates, reg_user, reg_item, reg_bias, candidates, learn,
@@ -431,6 +431,7 @@ def train_epochs(
 
     Chunk t uses `states[t]` (updated in place) and writes its sums to loss/correct/skipped[t, epoch].
     One chunk (deterministic mode) is exactly reproducible; several run Hogwild in parallel.
+    Without the GIL: the other models' threads (and the flow's) run Python meanwhile.
     """
     n_chunks = states.shape[0]
     n_epochs = learning_rates.shape[0]
