@@ -29,7 +29,7 @@ def evaluate(
     k: Annotated[int, typer.Option("--k", help="Cutoff: ranks > k are ignored.")] = 10,
 ) -> None:
     """Ranking metrics of a recommendations file against a relevance file; prints JSON only."""
-    from mfpipe.evaluation import evaluate_files_json
+    from mfpipe.file_evaluation import evaluate_files_json
 
     typer.echo(evaluate_files_json(recs, truth, k))
 
