@@ -69,7 +69,11 @@ def best(results: list[ModelResult]) -> ModelResult | None:
 
 
 class Stages:
-    """Wall time per stage, to tell compute (load ... evaluate) from orchestration and tracking."""
+    """Wall time per stage, to tell compute (load ... evaluate) from orchestration and tracking.
+
+    Stages time the run's critical path and never overlap: work done in the shadow of a longer one (the
+    first models' evaluations and records while the last model trains) counts as the longer one.
+    """
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
