@@ -209,11 +209,12 @@ def promote_and_publish(ctx: RunContext, data: Interactions, parts: Split, train
                         results: list[ModelResult], config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
     """Move `champion` if the best recorded candidate earned it, publish, close the run."""
     report.raise_if_all_failed(results)
+    published = publish.submit(ctx, results, parts, config)  # the run's figures, drawn while promotion re-scores
     with stages("promote"):
         decision = promote_best(ctx, results, parts, config)
         test_ndcg = score_test(ctx, decision, trained, results, parts, config)
     with stages("tracking"):
-        publish(ctx, results, parts, config)
+        published.result()
         train_sum = sum(t.train_seconds for t in trained.values())
         timing = {f"stage_{name}_seconds": value for name, value in stages.seconds.items()}
         recording.close_run(ctx, ok=True, error=None, metrics={**timing, "train_sum_seconds": train_sum})

@@ -53,7 +53,7 @@ def metric_key(name: str, k: int, variant: str = "", stat: str = "") -> str:
 
 
 # -- per-user metrics --------------------------------------------------------------------------------
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _metrics_kernel(
     recs: np.ndarray, k: int, indptr: np.ndarray, indices: np.ndarray, discount: np.ndarray, out: np.ndarray
 ) -> None:
@@ -179,7 +179,7 @@ def _splitmix64(z: np.uint64) -> np.uint64:
     return z ^ (z >> np.uint64(31))
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _bootstrap_kernel(values: np.ndarray, seed: np.uint64, n_boot: int) -> np.ndarray:
     """(n, m) values -> (m, n_boot) resample means; draw i of resample b is splitmix64(seed, b, i).
 

@@ -8,7 +8,8 @@ The kernels are numba, parallel over rows: each row is scanned once with a k-siz
 no sort of the row), and seen items are skipped by walking the user's sorted CSR row alongside the scan
 instead of writing -inf into the scores first. `top_k_factors` goes one step further for factor models:
 it scores blocks of users with BLAS inside the parallel loop and selects from the block while it is in
-cache, so the (users x items) score matrix never exists in memory.
+cache, so the (users x items) score matrix never exists in memory. Every kernel (and evaluation's)
+releases the GIL: the flow records one model while it ranks another.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _offer(hs: np.ndarray, hi: np.ndarray, n: int, k: int, s: float, j: int) -> 
     return n + 1
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _select_row(row: np.ndarray, k: int, seen: np.ndarray, out_items: np.ndarray, out_scores: np.ndarray) -> None:
     """Best k entries of `row` skipping the sorted item indices `seen`, written best first (-1/-inf padded)."""
     n = 0
@@ -94,7 +95,7 @@ def _select_row(row: np.ndarray, k: int, seen: np.ndarray, out_items: np.ndarray
         out_items[a] = -1
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _top_k_rows(
     scores: np.ndarray, k: int, rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +114,7 @@ def _top_k_rows(
     return out_items, out_scores
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _top_k_factors(
     user_vectors: np.ndarray,
     item_vectors_t: np.ndarray,
@@ -148,7 +149,7 @@ def _top_k_factors(
     return out_items, out_scores
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _fill_seen(scores: np.ndarray, rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> None:
     for r in nb.prange(scores.shape[0]):
         u = rows[r]
@@ -232,7 +233,7 @@ def top_k_excluding(
     return _top_k_rows(scores, int(k), rows, indptr, indices)
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _top_k_in_order(order: np.ndarray, k: int, rows: np.ndarray, indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Row r: the first k items of `order` not in indices[indptr[rows[r]]:...] (sorted), -1 padded."""
     out = np.full((len(rows), k), -1, np.int32)
