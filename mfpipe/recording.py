@@ -14,6 +14,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,23 +204,27 @@ def _record_finished(
 
     The pyfunc goes first: logged into a run that has metrics already, MLflow links them to the model
     by reading back the history of every metric key (a request each, ~90 per model); logged after
-    it, the metrics carry the model's id and are linked by the same batch that logs them.
+    it, the metrics carry the model's id and are linked by the same batch that logs them. The factor
+    report is drawn meanwhile on a thread of its own: drawing is CPU, the other records wait on the store.
     """
     assert result.evaluation is not None
     catalog = serving.Catalog.of(split.train)
     with _scratch() as folder:
+        drawn = _draw_factors(trained, catalog, folder / "plots")
         model_path = trained.model.save(folder / f"{result.model}.npz")
         uri = serving.log_to_run(run_id, model_path, catalog.save(folder / "catalog.npz"))
-    metrics = result.evaluation.mlflow_metrics()
-    tracking.log_values(
-        ctx.store,
-        run_id,
-        metrics={**metrics, **result.rating_metrics, "train_seconds": trained.train_seconds},
-        params={**trained.params, "threads": trained.threads},
-        tags={"status": "ok"},
-        model_id=tracking.logged_model_id(uri),
-    )
-    _record_details(ctx, run_id, result, trained, split, config, catalog)
+        metrics = result.evaluation.mlflow_metrics()
+        tracking.log_values(
+            ctx.store,
+            run_id,
+            metrics={**metrics, **result.rating_metrics, "train_seconds": trained.train_seconds},
+            params={**trained.params, "threads": trained.threads},
+            tags={"status": "ok"},
+            model_id=tracking.logged_model_id(uri),
+        )
+        _record_details(ctx, run_id, result, trained, split, config)
+        if drawn.result() is not None:
+            tracking.log_dir(ctx.store, run_id, folder / "plots", "plots")
     keys = [metric_key(m, config.k, v) for m in METRICS for v in ("", "all", "cold")]
     tags = {
         **ctx.lineage,
@@ -234,10 +239,9 @@ def _record_finished(
 
 
 def _record_details(
-    ctx: RunContext, run_id: str, result: ModelResult, trained: Trained, split: Split, config: Config,
-    catalog: serving.Catalog,
+    ctx: RunContext, run_id: str, result: ModelResult, trained: Trained, split: Split, config: Config
 ) -> None:  # fmt: skip
-    """Curves, search trials, dataset inputs, the per-user table and the factor report of a finished model."""
+    """Curves, search trials, dataset inputs and the per-user table of a finished model."""
     assert result.evaluation is not None
     store = ctx.store
     tracking.log_curves(store, run_id, epoch_curves(trained.model.history))
@@ -246,10 +250,24 @@ def _record_details(
     for part, context in ((split.train, "training"), (split.validation, "validation")):
         tracking.log_dataset(store, [run_id], f"{part.name} {context}", part.digest, config.data, len(part), context)
     store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
-    factors = getattr(trained.model, "item_factors", None)
-    if factors is not None:  # what the strongest latent dimensions mean, by the items at their two ends
-        figure = factor_report(factors, catalog.item_ids, catalog.titles)
-        tracking.log_figure(store, run_id, figure, "plots/factors.png")
+
+
+def _draw_factors(trained: Trained, catalog: serving.Catalog, folder: Path) -> Future[Path | None]:
+    """What the strongest latent dimensions mean, by the items at their two ends, drawn into
+    `folder/factors.png` on a thread of its own (None for a model without item factors)."""
+
+    def draw() -> Path | None:
+        factors = getattr(trained.model, "item_factors", None)
+        if factors is None:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        factor_report(factors, catalog.item_ids, catalog.titles).savefig(folder / "factors.png")
+        return folder / "factors.png"
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mfpipe-figure")
+    drawn = pool.submit(draw)
+    pool.shutdown(wait=False)  # the thread ends with the drawing
+    return drawn
 
 
 def record_search(ctx: RunContext, model_run_id: str, searched: SearchResult) -> None:
