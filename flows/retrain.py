@@ -152,9 +152,10 @@ def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Co
         evaluation, error = None, ""
         try:
             trained[name] = future.result()
-            with stage("evaluate"):
+            with stage("evaluate"), budget.evaluation(name):
                 evaluation = evaluate(trained[name], split, config)
         except Exception as exc:  # a failing model must not stop the others
+            budget.finish(name)
             error = one_line(exc)
             logger.warning(f"{name} failed and is left out of promotion: {error}")
         result = report.model_result(name, trained.get(name), evaluation, error, split)

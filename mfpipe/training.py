@@ -1,19 +1,22 @@
 """Fit one model on a split's train part: its share of the cores, its deadline, the `Trained` result.
 
 The flow runs one `train_model` per model in parallel (a Prefect task each). They share one `CoreBudget`:
-each model starts with an even share of the cores, and when one finishes its cores go to the models
-still training (ALS re-reads its thread count every iteration, BPR every few epochs), so the machine
-stays busy while the slowest model finishes. Every training loop checks its deadline between epochs or
-iterations, so a model over `train_timeout_seconds` stops itself and is reported failed.
+each model starts with an even share of the cores, and when one is trained and evaluated its cores go
+to the models still training (ALS re-reads its thread count every iteration, BPR every few epochs), so
+the machine stays busy while the slowest model finishes. Every training loop checks its deadline between
+epochs or iterations, so a model over `train_timeout_seconds` stops itself and is reported failed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numba
 
 from mfpipe.config import Config
 from mfpipe.models import create
@@ -48,6 +51,26 @@ class CoreBudget:
             self._training[name] = model
             model.threads = 1 if name in LIGHT_MODELS else self.share()
             return model.threads
+
+    def trained(self, name: str) -> None:
+        """`name` has fitted: no longer reported, its cores kept for its evaluation (`evaluation`)."""
+        with self._lock:
+            self._training.pop(name, None)
+
+    @contextmanager
+    def evaluation(self, name: str) -> Iterator[None]:
+        """Evaluate `name` on its share of the cores (numba's threads in this thread), then `finish` it.
+
+        An evaluation on every core while others still train oversubscribed them: at synthetic:32M,
+        training and evaluation took 449 s together against 364 s one after the other.
+        """
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(self.share(), numba.config.NUMBA_NUM_THREADS))
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)
+            self.finish(name)
 
     def finish(self, name: str) -> None:
         """`name` is done: give its cores to the heavy models still training."""
@@ -134,7 +157,9 @@ def train_model(name: str, split: Split, config: Config, budget: CoreBudget) -> 
             # Only the train slice: validation is what the candidate is scored and promoted on, so no model
             # may see it while fitting (BPR early-stops on pairs it holds out of train itself).
             model.fit(split.train, deadline=time.monotonic() + config.train_timeout_seconds)
-    finally:
+    except BaseException:
         budget.finish(name)
+        raise
+    budget.trained(name)  # its cores stay its own until it is evaluated
     seconds = time.perf_counter() - started
     return Trained(name, model, seconds, threads, model.params.model_dump(mode="json"), searched)

@@ -26,6 +26,21 @@ def test_a_finished_model_gives_its_cores_to_the_ones_still_training():
     assert bpr.threads == 4
 
 
+def test_a_trained_model_keeps_its_cores_for_its_evaluation():
+    import numba
+
+    budget = training.CoreBudget(2, ["als", "bpr"])
+    als, bpr = create("als"), create("bpr")
+    budget.start("als", als), budget.start("bpr", bpr)
+    budget.trained("als")
+    assert bpr.threads == 1 and "als" not in budget.snapshot()
+    before = numba.get_num_threads()
+    with budget.evaluation("als"):
+        assert numba.get_num_threads() == 1  # its own share, not every core
+        assert bpr.threads == 1
+    assert numba.get_num_threads() == before and bpr.threads == 2
+
+
 def test_models_not_started_yet_keep_their_share_reserved():
     budget = training.CoreBudget(4, ["als", "bpr"])
     als = create("als")
