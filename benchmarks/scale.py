@@ -145,6 +145,9 @@ def run(size: str, workdir: Path, models: str | None, extra: list[str], interval
     """Run `mfpipe run --data synthetic:<size>` in `workdir` and collect time, memory and CPU per stage."""
     if shutil.which("time", path="/usr/bin") is None:
         raise SystemExit("/usr/bin/time is missing: apt-get install time")
+    if (workdir / "mlflow.db").exists() or (workdir / "prefect").exists():
+        # its cached load/split and its champion (re-scored by promotion) would be timed instead
+        raise SystemExit(f"{workdir}: holds an earlier run; remove it or pass another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
