@@ -277,7 +277,9 @@ def start_ephemeral_prefect_api() -> Service:
                "--factory", "prefect.server.api.server:create_app", "--host", LOCALHOST, "--port", str(port),
                "--log-level", "error", "--lifespan", "on"]  # fmt: skip
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    log_path = Path(tempfile.mkstemp(prefix="mfpipe-prefect-api-", suffix=".log")[1])
+    handle, name = tempfile.mkstemp(prefix="mfpipe-prefect-api-", suffix=".log")
+    os.close(handle)  # `_start` opens the log itself
+    log_path = Path(name)
     return _start("Prefect API", command, url, f"{url}/api/health", log_path, env, own_group=False, scratch_log=True)
 
 
