@@ -14,7 +14,9 @@ import contextlib
 import gc
 import itertools
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -131,6 +133,10 @@ def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: C
     create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
 
 
+def _untimed(stage: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Config, stages: Stages
                      ) -> tuple[dict[str, training.Trained], list[ModelResult]]:  # fmt: skip
     """One training task per model, all at once, sharing the cores; each model is evaluated and recorded
@@ -146,16 +152,14 @@ def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Co
     trained: dict[str, training.Trained] = {}
     results: dict[str, ModelResult] = {}
 
-    def finish(future: PrefectFuture[training.Trained], timed: Stages | None = None) -> None:
-        name = names[future]
-        stage = timed or (lambda _: contextlib.nullcontext())
-        evaluation, error = None, ""
+    def finish(future: PrefectFuture[training.Trained], stage: Callable[[str], Any] = _untimed) -> None:
+        name, evaluation, error = names[future], None, ""
         try:
-            trained[name] = future.result()
-            with stage("evaluate"), budget.evaluation(name):
-                evaluation = evaluate(trained[name], split, config)
+            with budget.evaluation(name):  # its cores, until it is evaluated
+                trained[name] = future.result()
+                with stage("evaluate"):
+                    evaluation = evaluate(trained[name], split, config)
         except Exception as exc:  # a failing model must not stop the others
-            budget.finish(name)
             error = one_line(exc)
             logger.warning(f"{name} failed and is left out of promotion: {error}")
         result = report.model_result(name, trained.get(name), evaluation, error, split)
@@ -171,7 +175,6 @@ def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Co
                 for future in itertools.islice(finished, len(names) - 1):
                     finish(future)
                 last = next(finished)
-            progress.set()
             finish(last, stages)
     finally:
         progress.set()
