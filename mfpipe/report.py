@@ -159,17 +159,6 @@ def validation_markdown(validated: Validated) -> str:
     return "\n".join(lines)
 
 
-def collect_results(
-    models: list[str], trained: dict[str, Trained], reports: dict[str, EvaluationReport], failures: dict[str, str],
-    split: Split,
-) -> list[ModelResult]:  # fmt: skip
-    """One result per requested model, in `--models` order: evaluated ones ok, the rest failed with their error."""
-    return [
-        model_result(name, trained.get(name), reports.get(name), failures.get(name, "not trained"), split)
-        for name in models
-    ]
-
-
 def model_result(
     name: str, trained: Trained | None, evaluation: EvaluationReport | None, error: str, split: Split
 ) -> ModelResult:  # fmt: skip

@@ -11,7 +11,7 @@ from mfpipe import prepare, recording, tracking, training
 from mfpipe.config import load_config
 from mfpipe.errors import TransientError
 from mfpipe.evaluation import evaluate_model
-from mfpipe.report import ModelResult, collect_results
+from mfpipe.report import ModelResult, model_result
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,10 @@ def recorded(tmp_path_factory):
     validated = prepare.validate(prepare.load(config), config, tmp_path_factory.mktemp("gx"))
     pop = training.train_model("pop", parts, config, training.CoreBudget(1, ["pop"]))
     reports = {"pop": evaluate_model(pop.model, parts, config.k, seed=config.seed)}
-    results = collect_results(config.models, {"pop": pop}, reports, {"bpr": "bpr: training diverged"}, parts)
+    results = [
+        model_result("pop", pop, reports["pop"], "", parts),
+        model_result("bpr", None, None, "bpr: training diverged", parts),
+    ]
     ctx = recording.open_run(config, data, "flow-run-id", None)
     recording.record_validation(ctx, validated)
     recording.record_split(ctx, parts)
@@ -119,7 +122,7 @@ def test_a_factor_model_logs_what_its_dimensions_mean(tmp_path):
     data, parts = prepare.prepare(config)
     als = training.train_model("als", parts, config, training.CoreBudget(1, ["als"]))
     reports = {"als": evaluate_model(als.model, parts, config.k)}
-    [result] = collect_results(["als"], {"als": als}, reports, {}, parts)
+    result = model_result("als", als, reports["als"], "", parts)
     ctx = recording.open_run(config, data, None, None)
     recording.record_split(ctx, parts)
     recording.record_model(ctx, result, als, parts, config)

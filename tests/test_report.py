@@ -17,8 +17,8 @@ from mfpipe.report import (
     Stages,
     best,
     build_report,
-    collect_results,
     leaderboard_markdown,
+    model_result,
     raise_if_all_failed,
 )
 
@@ -29,11 +29,14 @@ def outcome():
     data, parts = prepare.prepare(config)
     pop = training.train_model("pop", parts, config, training.CoreBudget(1, ["pop"]))
     reports = {"pop": evaluate_model(pop.model, parts, config.k)}
-    results = collect_results(config.models, {"pop": pop}, reports, {"als": "als: over its time limit"}, parts)
+    results = [
+        model_result("pop", pop, reports["pop"], "", parts),
+        model_result("als", None, None, "als: over its time limit", parts),
+    ]
     return config, data, parts, results
 
 
-def test_results_keep_the_order_of_models_and_carry_failures(outcome):
+def test_a_result_is_ok_once_evaluated_else_failed_with_its_error(outcome):
     _, _, _, results = outcome
     assert [(r.model, r.status) for r in results] == [("pop", "ok"), ("als", "failed")]
     assert results[1].error == "als: over its time limit" and best(results) is results[0]
