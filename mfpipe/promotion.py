@@ -319,6 +319,47 @@ def rescore(
     return evaluate_model(ranked, split, config.k, part=part, seed=config.seed)
 
 
+@dataclass(frozen=True, eq=False)
+class ScoredChampion:
+    """A registered version scored on this run's split: all that the comparison needs of it.
+
+    It depends on the version and the split, not on the candidates, so the flow finds it while the models
+    train (`score_current_champion`) and promotion only pairs it with the best candidate.
+    """
+
+    version: str
+    loaded: serving.RecommenderModel
+    report: EvaluationReport  # validation, ranked as the candidates are
+    leaked: int  # this run's validation pairs the version was trained on
+    drift: dict[str, Any]  # the report's drift block: its training data against this train
+
+
+def score_champion(name: str, champion: VersionInfo, split: Split, config: Config) -> ScoredChampion:
+    """Load `champion` and score it on this split; one that does not load is `ChampionUnavailable`."""
+    loaded = load_version(name, champion.version)
+    return ScoredChampion(
+        champion.version,
+        loaded,
+        rescore(loaded, split, config),
+        leaked_pairs(loaded.model, loaded.catalog, split.validation),
+        drift_since(champion, loaded.catalog, split.train),
+    )
+
+
+def score_current_champion(store: Store, name: str, split: Split, config: Config) -> ScoredChampion | None:
+    """The current champion scored on this split ahead of promotion; None without one.
+
+    Also None when it cannot be read or loaded now: promotion reads the champion again under its lock
+    and reports such a failure where it decides.
+    """
+    try:
+        with tracking.tracking_errors(store):
+            champion = tracking.alias_version(store, name, CHAMPION)
+        return None if champion is None else score_champion(name, champion, split, config)
+    except MfpipeError:
+        return None
+
+
 def compare(candidate: EvaluationReport, champion: EvaluationReport, seed: int) -> tuple[float, tuple[float, float]]:
     """Paired bootstrap of per-user NDCG@k on the warm users both were scored on."""
     a = candidate.per_user.set_index("user_id")
@@ -355,10 +396,14 @@ def load_version(name: str, version: str) -> serving.RecommenderModel:
         raise ChampionUnavailable(f"{name} v{version} does not load: {exc}") from None
 
 
-def promote_best(store: Store, name: str, results: list[ModelResult], split: Split, config: Config) -> Decision:
+def promote_best(
+    store: Store, name: str, results: list[ModelResult], split: Split, config: Config,
+    ahead: ScoredChampion | None = None,
+) -> Decision:  # fmt: skip
     """Compare this run's best candidate with the champion re-scored on this split; move the aliases.
 
-    With no finished model nothing moves.
+    `ahead`: the champion as `score_current_champion` found it while the models trained, used if that
+    version is still champion. With no finished model nothing moves.
     """
     top = best(results)
     with tracking.tracking_errors(store):
@@ -369,12 +414,11 @@ def promote_best(store: Store, name: str, results: list[ModelResult], split: Spl
         evaluation = top.evaluation
 
         def rescore_champion(champion: VersionInfo) -> Rescore:
-            loaded = load_version(name, champion.version)
-            report = rescore(loaded, split, config)
-            diff, ci95 = compare(evaluation, report, config.seed)
-            changes = drift_since(champion, loaded.catalog, split.train)
-            block = _blocked(champion, leaked_pairs(loaded.model, loaded.catalog, split.validation), changes, config)
-            return Rescore(report.warm["ndcg"].mean, diff, ci95, block, changes)
+            scored = ahead if ahead is not None and ahead.version == champion.version else None
+            scored = scored or score_champion(name, champion, split, config)
+            diff, ci95 = compare(evaluation, scored.report, config.seed)
+            block = _blocked(champion, scored.leaked, scored.drift, config)
+            return Rescore(scored.report.warm["ndcg"].mean, diff, ci95, block, scored.drift)
 
         candidate = Candidate(top.model, top.version, top.score, config.k)
         return promote(store, name, candidate, rescore_champion, config.promotion_rule)
@@ -382,7 +426,7 @@ def promote_best(store: Store, name: str, results: list[ModelResult], split: Spl
 
 def champion_test_score(
     name: str, decision: Decision, fitted: dict[str, Recommender], results: list[ModelResult], split: Split,
-    config: Config,
+    config: Config, ahead: ScoredChampion | None = None,
 ) -> float | None:  # fmt: skip
     """The honest final figure: the champion scored once on the test slice (None without a test slice)."""
     if split.test is None or decision.after_version is None:
@@ -391,5 +435,7 @@ def champion_test_score(
     if decision.after_version in mine:
         report = evaluate_model(fitted[mine[decision.after_version]], split, config.k, part="test", seed=config.seed)
     else:
-        report = rescore(load_version(name, decision.after_version), split, config, part="test")
+        kept = ahead if ahead is not None and ahead.version == decision.after_version else None
+        loaded = kept.loaded if kept else load_version(name, decision.after_version)
+        report = rescore(loaded, split, config, part="test")
     return report.warm["ndcg"].mean

@@ -156,6 +156,46 @@ def test_the_champion_is_ranked_exactly_as_the_candidates(model_name):
     assert promotion.leaked_pairs(champion, catalog, split.validation) == 0
 
 
+def test_a_champion_scored_ahead_decides_as_rescoring_does_and_only_while_it_is_champion(tmp_path, monkeypatch):
+    """The flow scores the champion while the models train; promotion re-reads the champion under its lock
+    and uses that score only for the same version (another run may have moved `champion` meanwhile)."""
+    from mfpipe.config import SplitOptions
+    from mfpipe.evaluation import evaluate_model
+    from mfpipe.models import create
+    from mfpipe.split import split_interactions
+
+    old, new = _grown_data()
+    old_train = split_interactions(old, SplitOptions()).train
+    store, v1 = register_tiny(tmp_path, "mfpipe-ahead", data=old_train)
+    _, v2 = register_tiny(tmp_path, "mfpipe-ahead", data=old_train)
+    tracking.move_alias(store, "mfpipe-ahead", tracking.CHAMPION, v1, {})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.uri)
+    config = load_config()
+    split = split_interactions(new, SplitOptions())
+    evaluation = evaluate_model(create("als", {"iterations": 3}, threads=1).fit(split.train), split, config.k)
+    results = [ModelResult("als", "ok", evaluation=evaluation, version="9")]
+
+    ahead = promotion.score_current_champion(store, "mfpipe-ahead", split, config)
+    assert ahead is not None and ahead.version == v1 and ahead.leaked == 0
+    loads: list[str] = []
+    real_load = promotion.load_version
+    monkeypatch.setattr(
+        promotion, "load_version", lambda name, version: loads.append(version) or real_load(name, version)
+    )
+
+    def decide(scored: promotion.ScoredChampion | None) -> dict:
+        applied: list[promotion.Decision] = []  # decide only: leave the aliases where they are
+        monkeypatch.setattr(promotion, "_apply", lambda store, decision: applied.append(decision))
+        promotion.promote_best(store, "mfpipe-ahead", results, split, config, ahead=scored)
+        return applied[0].to_json()
+
+    assert decide(ahead) == decide(None) and loads == [v1]  # the same decision; loaded once, without `ahead`
+    tracking.move_alias(store, "mfpipe-ahead", tracking.CHAMPION, v2, {})  # another run promoted meanwhile
+    loads.clear()
+    assert decide(ahead)["before"]["version"] == v2 and loads == [v2]
+    assert promotion.score_current_champion(store, "mfpipe-none-yet", split, config) is None
+
+
 def test_a_champion_trained_on_this_validation_data_is_not_comparable():
     from mfpipe import serving
     from mfpipe.config import SplitOptions

@@ -37,9 +37,11 @@ def tiny() -> Interactions:
     )
 
 
-def register_tiny(tmp_path: Path, name: str = "mfpipe-tiny", model: str = "pop") -> tuple[tracking.Store, str]:
-    """Log and register a model of `tiny()` as a real pyfunc; returns (store, version)."""
-    data = tiny()
+def register_tiny(
+    tmp_path: Path, name: str = "mfpipe-tiny", model: str = "pop", data: Interactions | None = None
+) -> tuple[tracking.Store, str]:
+    """Log and register a model of `data` (default `tiny()`) as a real pyfunc; returns (store, version)."""
+    data = data or tiny()
     store = tracking.open_store(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     exp = tracking.experiment_id(store, data.name)
     run = tracking.start_run(store, exp, model, {})
