@@ -1,13 +1,16 @@
-"""Prefect plumbing of the retrain flow: console logs, retry condition, cache keys, the task runner.
+"""Prefect plumbing of the retrain flow: the process it runs in, console logs, retry condition, cache keys,
+the task runner.
 
 Kept apart so `retrain.py` reads as the pipeline diagram. Nothing here computes anything.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,6 +148,24 @@ def own_api(api: services.Service | None) -> Iterator[None]:
                 os.environ[name] = value
         refresh_global_settings_context()
         _OWN_APIS.discard(url)
+
+
+@contextmanager
+def in_this_process(config: Config, api: services.Service | None) -> Iterator[None]:
+    """Ready this process for a run of the flow on `api` (see `own_api`), its console logs on stdout.
+
+    MLflow and matplotlib take seconds to import and the store seconds to open; a background thread
+    does that while the API finishes starting (a separate process), so the waits overlap. Then what
+    is in memory is frozen out of the garbage collector: the run's full collections no longer walk
+    the million objects of the imported libraries (seconds per run, and again at exit).
+    """
+    from mfpipe import recording  # imports MLflow: seconds that `mfpipe deploy` does not need
+
+    threading.Thread(target=recording.warm_up, args=(config,), name="mfpipe-warm-up", daemon=True).start()
+    with own_api(api):
+        console_logs_to_stdout()
+        gc.freeze()
+        yield
 
 
 def _drain_prefect_workers() -> None:

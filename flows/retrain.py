@@ -11,9 +11,7 @@ as soon as it is trained: only the last one to finish waits behind the others.
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -237,15 +235,6 @@ def skipped(data: Interactions, parts: Split, config: Config, stages: Stages) ->
 
 def run(config: Config, api: services.Service | None = None) -> RunOutcome:
     """Run the flow in this process, on `api` (the ephemeral Prefect API `mfpipe run` started) unless
-    PREFECT_API_URL names a server.
-
-    MLflow and matplotlib take seconds to import and the store seconds to open; a background thread
-    does that while the API finishes starting (a separate process), so the waits overlap. Then what
-    is in memory is frozen out of the garbage collector: the run's full collections no longer walk
-    the million objects of the imported libraries (seconds per run, and again at exit).
-    """
-    threading.Thread(target=recording.warm_up, args=(config,), name="mfpipe-warm-up", daemon=True).start()
-    with _plumbing.own_api(api):
-        _plumbing.console_logs_to_stdout()
-        gc.freeze()
+    PREFECT_API_URL names a server; `_plumbing.in_this_process` prepares the process."""
+    with _plumbing.in_this_process(config, api):
         return retrain(config)
