@@ -13,10 +13,10 @@ import json
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,10 +50,26 @@ class RunContext:
     registered_model: str
     lineage: dict[str, Any]
     data_profile: str = ""  # drift.profile of this run's train data, tagged on every version
+    drawing: ThreadPoolExecutor | None = field(default=None, repr=False, compare=False)
 
     @property
     def link(self) -> str:
         return self.store.run_link(self.experiment_id, self.parent_run_id)
+
+    def draw(self, fn: Callable[[], Path | None]) -> Future[Path | None]:
+        """`fn` on the run's one drawing thread, started on first use and ended by `close_run`.
+
+        The records of a run come one at a time (the flow's thread), so nothing races to start it.
+        """
+        if self.drawing is None:
+            self.drawing = ThreadPoolExecutor(1, thread_name_prefix="mfpipe-figure")
+        return self.drawing.submit(fn)
+
+    def stop_drawing(self) -> None:
+        """End the drawing thread: a drawing under way is finished (nobody waits for it), queued ones dropped."""
+        if self.drawing is not None:
+            self.drawing.shutdown(wait=True, cancel_futures=True)
+            self.drawing = None
 
 
 def open_run(config: Config, data: Interactions, flow_run_id: str | None, flow_run_url: str | None) -> RunContext:
@@ -210,7 +226,7 @@ def _record_finished(
     assert result.evaluation is not None
     catalog = serving.Catalog.of(split.train)
     with _scratch() as folder:
-        drawn = _draw_factors(trained, catalog, folder / "plots")
+        drawn = _draw_factors(ctx, trained, catalog, folder / "plots")
         model_path = trained.model.save(folder / f"{result.model}.npz")
         uri = serving.log_to_run(run_id, model_path, catalog.save(folder / "catalog.npz"))
         metrics = result.evaluation.mlflow_metrics()
@@ -252,9 +268,9 @@ def _record_details(
     store.client().log_table(run_id, result.evaluation.per_user, "tables/per_user_metrics.json")
 
 
-def _draw_factors(trained: Trained, catalog: serving.Catalog, folder: Path) -> Future[Path | None]:
+def _draw_factors(ctx: RunContext, trained: Trained, catalog: serving.Catalog, folder: Path) -> Future[Path | None]:
     """What the strongest latent dimensions mean, by the items at their two ends, drawn into
-    `folder/factors.png` on a thread of its own (None for a model without item factors)."""
+    `folder/factors.png` on the run's drawing thread (None for a model without item factors)."""
 
     def draw() -> Path | None:
         factors = getattr(trained.model, "item_factors", None)
@@ -264,10 +280,7 @@ def _draw_factors(trained: Trained, catalog: serving.Catalog, folder: Path) -> F
         factor_report(factors, catalog.item_ids, catalog.titles).savefig(folder / "factors.png")
         return folder / "factors.png"
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mfpipe-figure")
-    drawn = pool.submit(draw)
-    pool.shutdown(wait=False)  # the thread ends with the drawing
-    return drawn
+    return ctx.draw(draw)
 
 
 def record_search(ctx: RunContext, model_run_id: str, searched: SearchResult) -> None:
@@ -354,7 +367,9 @@ def record_figures(ctx: RunContext, results: list[ModelResult], split: Split, co
 
 
 def close_run(ctx: RunContext, ok: bool, error: str | None, metrics: dict[str, float] | None = None) -> None:
-    """End the parent run FINISHED (at least one model finished) or FAILED with the reason as a tag."""
+    """End the parent run FINISHED (at least one model finished) or FAILED with the reason as a tag, and
+    the run's drawing thread."""
+    ctx.stop_drawing()
     with tracking.tracking_errors(ctx.store):
         try:
             tracking.log_values(ctx.store, ctx.parent_run_id, metrics=metrics, tags={"error": error})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 
@@ -116,14 +117,41 @@ def test_what_a_person_compares_in_the_mlflow_ui(recorded):
     assert profile["rows"] == parts.summary.n_train
 
 
-def test_a_factor_model_logs_what_its_dimensions_mean(tmp_path):
+def _factor_model_run(tmp_path):
+    """An ALS model trained, evaluated and its parent run opened, ready to be recorded."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = load_config(overrides={"data": "synthetic:3000", "tracking_uri": store, "models": "als"})
     data, parts = prepare.prepare(config)
     als = training.train_model("als", parts, config, training.CoreBudget(1, ["als"]))
-    reports = {"als": evaluate_model(als.model, parts, config.k)}
-    result = model_result("als", als, reports["als"], "", parts)
+    result = model_result("als", als, evaluate_model(als.model, parts, config.k), "", parts)
     ctx = recording.open_run(config, data, None, None)
     recording.record_split(ctx, parts)
+    return config, parts, als, result, ctx
+
+
+def _figure_threads(since: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in set(threading.enumerate()) - since if t.name.startswith("mfpipe-figure")]
+
+
+def test_a_factor_model_logs_what_its_dimensions_mean(tmp_path):
+    before = set(threading.enumerate())
+    config, parts, als, result, ctx = _factor_model_run(tmp_path)
     recording.record_model(ctx, result, als, parts, config)
     assert "plots/factors.png" in {a.path for a in ctx.store.client().list_artifacts(result.run_id, "plots")}
+    recording.close_run(ctx, ok=True, error=None)
+    assert not _figure_threads(before)  # the run's drawing thread ends with the run
+
+
+def test_a_drawing_that_fails_fails_the_record_and_its_child_run(tmp_path, monkeypatch):
+    before = set(threading.enumerate())
+    config, parts, als, result, ctx = _factor_model_run(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(recording, "factor_report", broken)
+    with pytest.raises(ValueError, match="cannot draw"):
+        recording.record_model(ctx, result, als, parts, config)
+    assert ctx.store.client().get_run(result.run_id).info.status == "FAILED" and result.version is None
+    recording.close_run(ctx, ok=False, error="cannot draw")
+    assert not _figure_threads(before)
