@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -40,6 +40,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 
 from mfpipe import pyfunc_model
 from mfpipe.auth import mask_uri
+from mfpipe.data.interactions import Titles
 from mfpipe.errors import MfpipeError, one_line
 from mfpipe.models import load as load_model
 from mfpipe.models.base import FactorModel, Recommender
@@ -76,11 +77,12 @@ MODEL_CODE = Path(pyfunc_model.__file__)
 
 @dataclass(frozen=True, eq=False)
 class Catalog:
-    """External ids of a model's index space (train users/items) and item titles when known."""
+    """External ids of a model's index space (train users/items) and item titles when known (`Titles`:
+    a read-only mapping that Prefect does not walk when a loaded version is passed to a task)."""
 
     user_ids: np.ndarray
     item_ids: np.ndarray
-    titles: dict[str, str]
+    titles: Mapping[str, str]
 
     def save(self, path: Path) -> Path:
         keys = np.array(list(self.titles), dtype=str)
@@ -96,7 +98,7 @@ class Catalog:
     @classmethod
     def load(cls, path: Path) -> Catalog:
         with np.load(Path(path), allow_pickle=False) as data:
-            titles = dict(zip(data["title_keys"].tolist(), data["title_values"].tolist(), strict=True))
+            titles = Titles(dict(zip(data["title_keys"].tolist(), data["title_values"].tolist(), strict=True)))
             return cls(user_ids=data["user_ids"], item_ids=data["item_ids"], titles=titles)
 
     @classmethod
@@ -104,7 +106,7 @@ class Catalog:
         """The catalogue of a train `Interactions`: only titles of items the model can recommend."""
         item_ids = np.asarray(train.item_ids).astype(str)
         known = train.titles or {}
-        titles = {i: known[i] for i in item_ids.tolist() if i in known}
+        titles = Titles({i: known[i] for i in item_ids.tolist() if i in known})
         return cls(user_ids=np.asarray(train.user_ids).astype(str), item_ids=item_ids, titles=titles)
 
     def user_index(self, user_ids: np.ndarray) -> np.ndarray:

@@ -159,6 +159,8 @@ def test_the_champion_is_ranked_exactly_as_the_candidates(model_name):
 def test_a_champion_scored_ahead_decides_as_rescoring_does_and_only_while_it_is_champion(tmp_path, monkeypatch):
     """The flow scores the champion while the models train; promotion re-reads the champion under its lock
     and uses that score only for the same version (another run may have moved `champion` meanwhile)."""
+    from prefect.utilities.collections import visit_collection
+
     from mfpipe.config import SplitOptions
     from mfpipe.evaluation import evaluate_model
     from mfpipe.models import create
@@ -177,6 +179,9 @@ def test_a_champion_scored_ahead_decides_as_rescoring_does_and_only_while_it_is_
 
     ahead = promotion.score_current_champion(store, "mfpipe-ahead", split, config)
     assert ahead is not None and ahead.version == v1 and ahead.leaked == 0
+    visited: list[object] = []  # it reaches the promote task as an argument: cheap for Prefect to walk
+    visit_collection(ahead, visited.append, return_data=False)
+    assert len(ahead.loaded.catalog.titles) > 1000 and len(visited) < 400, len(visited)  # not one per title
     loads: list[str] = []
     real_load = promotion.load_version
     monkeypatch.setattr(
