@@ -22,7 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from mfpipe import services
 from mfpipe.config import Config
-from mfpipe.errors import MfpipeError, is_transient, one_line
+from mfpipe.errors import MfpipeError, is_transient
 from mfpipe.lineage import stable_hash
 
 #: How long a run waits for another run's promotion of the same model before it fails.
@@ -75,18 +75,6 @@ NOT_PROMOTED_EVENT = "mfpipe.retrain.not-promoted"
 #: Options of the tasks that talk to the tracking store: retried on connection failures only.
 STORE_TASK: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": retry_on_io,
                               "cache_policy": NO_CACHE}  # fmt: skip
-
-
-def gather(futures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Results of named futures, and one line per failure (logged as a warning)."""
-    done, failed = {}, {}
-    for name, future in futures.items():
-        try:
-            done[name] = future.result()
-        except Exception as exc:  # a failing model must not stop the others
-            failed[name] = one_line(exc)
-            get_run_logger().warning(f"{name} failed and is left out of promotion: {failed[name]}")
-    return done, failed
 
 
 def cache_key(stage: str, *sections: str) -> Any:
@@ -162,9 +150,28 @@ def in_this_process(config: Config, api: services.Service | None) -> Iterator[No
     from mfpipe import recording  # imports MLflow: seconds that `mfpipe deploy` does not need
 
     threading.Thread(target=recording.warm_up, args=(config,), name="mfpipe-warm-up", daemon=True).start()
-    with own_api(api):
+    with own_api(api), no_heartbeats():
         console_logs_to_stdout()
         gc.freeze()
+        yield
+
+
+@contextmanager
+def no_heartbeats() -> Iterator[None]:
+    """No flow-run heartbeats from this process unless they are configured.
+
+    Prefect's flow engine sends one every 180 s by default from a thread that sleeps a second at a time,
+    and joins that thread when the run ends: every `mfpipe run` waited up to a second (half on average)
+    for it. Heartbeats only feed an automation that marks silent runs crashed, which mfpipe does not
+    create. A frequency set in the environment or a profile is kept; runs that a worker starts (the
+    deployments) never come through here and keep Prefect's default.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 

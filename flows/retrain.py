@@ -4,8 +4,9 @@ Each task is a few lines around one library function. Load, validate and split a
 spec and files, the config sections they read, the mfpipe version); training never is. Training fans out
 on the configured task runner: threads by default (each model gets a share of the cores), or a Dask
 cluster (`task_runner="dask"`, which needs a Prefect server so that workers can report their task runs).
-The MLflow parent run opens while the models train, and each model is evaluated, registered and recorded
-as soon as it is trained: only the last one to finish waits behind the others.
+The MLflow parent run opens while the models train, the current champion is re-scored on this split
+meanwhile (on its share of the cores), and each model is evaluated, registered and recorded as soon as
+it is trained: only the last one to finish waits behind the others.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from mfpipe.promotion import Decision
 from mfpipe.recording import RunContext
 from mfpipe.report import ModelResult, RunOutcome, Stages
 from mfpipe.split import Split
+
+#: The champion's re-scoring on this split shares the cores with the models training (`score_champion`).
+RESCORING = "champion re-scoring"
 
 
 @task(name="load data", retries=2, retry_delay_seconds=5, retry_condition_fn=_plumbing.retry_on_io,
@@ -92,6 +96,15 @@ def open_run(config: Config, data: Interactions, split: Split, validated: prepar
     return ctx
 
 
+@task(name="score the champion", cache_policy=NO_CACHE)
+def score_champion(config: Config, data: Interactions, split: Split, budget: training.CoreBudget
+                   ) -> promotion.ScoredChampion | None:  # fmt: skip
+    """The current champion scored on this split while the models train, on its share of the cores."""
+    with budget.evaluation(RESCORING):
+        name = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
+        return promotion.score_current_champion(tracking.open_store(config.tracking_uri), name, split, config)
+
+
 @task(name="record model", task_run_name="record {result.model}", **_plumbing.STORE_TASK)
 def record(ctx: RunContext, result: ModelResult, trained: training.Trained | None, split: Split, config: Config
            ) -> ModelResult:  # fmt: skip
@@ -103,9 +116,10 @@ def record(ctx: RunContext, result: ModelResult, trained: training.Trained | Non
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_best(ctx: RunContext, results: list[ModelResult], split: Split, config: Config) -> Decision:
+def promote_best(ctx: RunContext, results: list[ModelResult], split: Split, config: Config,
+                 ahead: promotion.ScoredChampion | None) -> Decision:  # fmt: skip
     with _plumbing.promotion_slot(ctx.registered_model):
-        decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config)
+        decision = promotion.promote_best(ctx.store, ctx.registered_model, results, split, config, ahead)
     recording.record_decision(ctx, decision)
     if not decision.promoted:
         _plumbing.emit_not_promoted(decision)  # the trigger of the deployment's not-promoted alert
@@ -117,9 +131,9 @@ def promote_best(ctx: RunContext, results: list[ModelResult], split: Split, conf
 
 @task(name="score champion on test", cache_policy=NO_CACHE)
 def score_test(ctx: RunContext, decision: Decision, trained: dict[str, training.Trained], results: list[ModelResult],
-               split: Split, config: Config) -> float | None:  # fmt: skip
+               split: Split, config: Config, ahead: promotion.ScoredChampion | None) -> float | None:  # fmt: skip
     fitted = {name: t.model for name, t in trained.items()}
-    value = promotion.champion_test_score(ctx.registered_model, decision, fitted, results, split, config)
+    value = promotion.champion_test_score(ctx.registered_model, decision, fitted, results, split, config, ahead)
     if value is not None and decision.after_version is not None:
         recording.record_test_score(ctx, decision.after_version, value, config.k)
     return value
@@ -135,8 +149,8 @@ def _untimed(stage: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Config, stages: Stages
-                     ) -> tuple[dict[str, training.Trained], list[ModelResult]]:  # fmt: skip
+def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Config, budget: training.CoreBudget,
+                     stages: Stages) -> tuple[dict[str, training.Trained], list[ModelResult]]:  # fmt: skip
     """One training task per model, all at once, sharing the cores; each model is evaluated and recorded
     (on the flow's thread, one at a time) as soon as it is trained, while the others still train.
 
@@ -144,7 +158,7 @@ def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Co
     costs no wall time and counts as training; the last model's evaluation and record are `evaluate`
     and `tracking`. A failed model is recorded as failed and never stops the others.
     """
-    budget, logger = training.CoreBudget(config.threads, config.models), get_run_logger()
+    logger = get_run_logger()
     logger.info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s), {config.task_runner}")
     progress = training.watch(budget, lambda now: logger.info("; ".join(f"{n}: {p}" for n, p in now.items())))
     trained: dict[str, training.Trained] = {}
@@ -184,7 +198,7 @@ def retrain(config: Config) -> RunOutcome:
     """One retraining run for `config` (a typed form in the Prefect UI)."""
     stages = Stages()
     _plumbing.task_runner(config, 1)  # fail fast on a Dask runner without a Prefect server
-    probe_store(config)  # an unreachable store fails the run before any training
+    probed = probe_store.submit(config)  # while the data loads; an unreachable store fails the run before training
     key = source_key(config)
     with stages("load"):
         frame = load_data(config, key)
@@ -194,12 +208,15 @@ def retrain(config: Config) -> RunOutcome:
     with stages("split"):
         data, parts = split(frame, config, key)
     del frame  # its rows live on in `data`: free the string frame (~1.4 GB at 32M) before training
+    probed.result()
     if config.skip_unchanged and unchanged(config, data):
         return skipped(data, parts, config, stages)
+    budget = training.CoreBudget(config.threads, [*config.models, RESCORING])
     opened = open_run.submit(config, data, parts, validated)  # while the models train
+    ahead = score_champion.submit(config, data, parts, budget)  # likewise, on its share of the cores
     try:
-        trained, results = train_and_record(opened, parts, config, stages)
-        return promote_and_publish(opened.result(), data, parts, trained, results, config, stages)
+        trained, results = train_and_record(opened, parts, config, budget, stages)
+        return promote_and_publish(opened.result(), data, parts, trained, results, ahead.result(), config, stages)
     except BaseException as exc:
         if opened.state.is_completed():  # a store that went away cannot close the run: the next run will
             with contextlib.suppress(MfpipeError):
@@ -208,13 +225,15 @@ def retrain(config: Config) -> RunOutcome:
 
 
 def promote_and_publish(ctx: RunContext, data: Interactions, parts: Split, trained: dict[str, training.Trained],
-                        results: list[ModelResult], config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
-    """Move `champion` if the best recorded candidate earned it, publish, close the run."""
+                        results: list[ModelResult], ahead: promotion.ScoredChampion | None, config: Config,
+                        stages: Stages) -> RunOutcome:  # fmt: skip
+    """Move `champion` if the best recorded candidate earned it (`ahead`: the champion as scored while the
+    models trained), publish, close the run."""
     report.raise_if_all_failed(results)
     published = publish.submit(ctx, results, parts, config)  # the run's figures, drawn while promotion re-scores
     with stages("promote"):
-        decision = promote_best(ctx, results, parts, config)
-        test_ndcg = score_test(ctx, decision, trained, results, parts, config)
+        decision = promote_best(ctx, results, parts, config, ahead)
+        test_ndcg = score_test(ctx, decision, trained, results, parts, config, ahead)
     with stages("tracking"):
         published.result()
         train_sum = sum(t.train_seconds for t in trained.values())

@@ -31,7 +31,8 @@ LIGHT_MODELS = frozenset({"pop"})
 
 
 class CoreBudget:
-    """The cores of this process shared by the models training at once (thread task runner).
+    """The cores of this process shared by the models training at once (thread task runner), and by any
+    other job of the run given a name here (the flow re-scores the champion on its share meanwhile).
 
     With a process-based runner (Dask) each worker gets its own budget and the split is static.
     """
