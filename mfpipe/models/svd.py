@@ -42,6 +42,7 @@ from pydantic import Field
 from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
 from mfpipe.models.base import FactorModel, ModelParams, Recommender
+from mfpipe.ranking import top_k_factors
 
 EPOCH_LINE = b"Processing epoch "  # what Surprise's SVD prints at the start of each epoch when verbose
 
@@ -151,8 +152,27 @@ class SVD(FactorModel):
         )
         return np.clip(est, *self.rating_scale) if clip else est
 
-    # Ranked on its float64 rating scores (user bias and global mean included), not the float32 blocks.
-    recommend = Recommender.recommend
+    def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Ranked block by block like the other factor models, on the float32 item part of the estimate
+        (p_u . q_i + b_i): the global mean and the user's bias shift all of a user's items alike. They are
+        added back, so the values are the rating estimates `score` gives. A full float64 score block per
+        batch made SVD's evaluation the slowest of the four at ml-32m's catalogue."""
+        users = np.asarray(users, dtype=np.int64)
+        if not ((users >= 0) & (users < self.n_users)).all():
+            return Recommender.recommend(self, users, k, exclude_seen)
+        user_factors, item_factors, item_bias = self._ranking_factors()
+        seen = self.seen if exclude_seen else None
+        items, values = top_k_factors(user_factors[users], item_factors, k, users, seen, item_bias)
+        return items, values + (self.user_bias[users] + self.global_mean).astype(np.float32)[:, None]
+
+    def _ranking_factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float32 copies of p, q and b_i, made once per fitted state (kept with the arrays they copy)."""
+        source = (self.user_factors, self.item_factors, self.item_bias)
+        cached = getattr(self, "_float32", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], source, strict=True)):
+            cached = (source, tuple(np.ascontiguousarray(a, np.float32) for a in source))
+            self._float32 = cached
+        return cached[1]
 
     def score(self, users: np.ndarray) -> np.ndarray:
         scores = self.user_factors[users] @ self.item_factors.T
