@@ -145,6 +145,20 @@ def test_an_early_prefect_api_steps_aside_for_a_configured_server():
     assert early.wait(30) is not None
 
 
+def test_mfpipe_run_sends_no_heartbeats_unless_configured(monkeypatch):
+    """Prefect's engine joins its heartbeat thread (which sleeps a second at a time) at the end of a run."""
+    from prefect.settings import get_current_settings, temporary_settings
+
+    from flows import _plumbing
+
+    with _plumbing.no_heartbeats():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default, outside
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    with temporary_settings(), _plumbing.no_heartbeats():  # settings read again: the environment's value
+        assert get_current_settings().flows.heartbeat_frequency == 60
+
+
 def test_failed_validation_trains_nothing_and_moves_nothing(first, store, tmp_path):
     bad = tmp_path / "ratings.csv"
     rows = [f"u{i % 30},i{i % 50},{99 if i == 7 else 4},{1_500_000_000 + i}" for i in range(600)]
