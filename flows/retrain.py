@@ -4,9 +4,9 @@ Each task is a few lines around one library function. Load, validate and split a
 spec and files, the config sections they read, the mfpipe version); training never is. Training fans out
 on the configured task runner: threads by default (each model gets a share of the cores), or a Dask
 cluster (`task_runner="dask"`, which needs a Prefect server so that workers can report their task runs).
-The MLflow parent run opens while the models train, the current champion is re-scored on this split
-meanwhile (on its share of the cores), and each model is evaluated, registered and recorded as soon as
-it is trained: only the last one to finish waits behind the others.
+The MLflow parent run opens while the models train, and each model is evaluated, registered and recorded
+as soon as it is trained: only the last one to finish waits behind the others. While that one trains, the
+current champion is re-scored on this split, on the cores the others left.
 """
 
 from __future__ import annotations
@@ -97,12 +97,11 @@ def open_run(config: Config, data: Interactions, split: Split, validated: prepar
 
 
 @task(name="score the champion", cache_policy=NO_CACHE)
-def score_champion(config: Config, data: Interactions, split: Split, budget: training.CoreBudget
+def score_champion(ctx: RunContext, split: Split, config: Config, budget: training.CoreBudget
                    ) -> promotion.ScoredChampion | None:  # fmt: skip
-    """The current champion scored on this split while the models train, on its share of the cores."""
+    """The current champion scored on this split while the last model trains, on its share of the cores."""
     with budget.evaluation(RESCORING):
-        name = tracking.registered_model_name(data.name, config.split.protocol, config.registered_model)
-        return promotion.score_current_champion(tracking.open_store(config.tracking_uri), name, split, config)
+        return promotion.score_current_champion(ctx.store, ctx.registered_model, split, config)
 
 
 @task(name="record model", task_run_name="record {result.model}", **_plumbing.STORE_TASK)
@@ -149,16 +148,19 @@ def _untimed(stage: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Config, budget: training.CoreBudget,
-                     stages: Stages) -> tuple[dict[str, training.Trained], list[ModelResult]]:  # fmt: skip
+def train_and_record(
+    opened: PrefectFuture[RunContext], split: Split, config: Config, stages: Stages
+) -> tuple[dict[str, training.Trained], list[ModelResult], PrefectFuture[promotion.ScoredChampion | None]]:
     """One training task per model, all at once, sharing the cores; each model is evaluated and recorded
-    (on the flow's thread, one at a time) as soon as it is trained, while the others still train.
+    (on the flow's thread, one at a time) as soon as it is trained, while the others still train. While
+    the last one trains, the current champion is re-scored on this split (`score_champion`), on the share
+    of the cores the finished models left (started with the others, it oversubscribed the cores throughout).
 
     The stages are the run's critical path: what is evaluated and recorded while a model still trains
     costs no wall time and counts as training; the last model's evaluation and record are `evaluate`
     and `tracking`. A failed model is recorded as failed and never stops the others.
     """
-    logger = get_run_logger()
+    budget, logger = training.CoreBudget(config.threads, [*config.models, RESCORING]), get_run_logger()
     logger.info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s), {config.task_runner}")
     progress = training.watch(budget, lambda now: logger.info("; ".join(f"{n}: {p}" for n, p in now.items())))
     trained: dict[str, training.Trained] = {}
@@ -186,11 +188,12 @@ def train_and_record(opened: PrefectFuture[RunContext], split: Split, config: Co
             with stages("train"):
                 for future in itertools.islice(finished, len(names) - 1):
                     finish(future)
+                champion = score_champion.submit(opened, split, config, budget)
                 last = next(finished)
             finish(last, stages)
     finally:
         progress.set()
-    return trained, [results[name] for name in config.models]
+    return trained, [results[name] for name in config.models], champion
 
 
 @flow(name="retrain", description="Load, validate, split, train all models in parallel, evaluate, register, promote.")
@@ -211,12 +214,10 @@ def retrain(config: Config) -> RunOutcome:
     probed.result()
     if config.skip_unchanged and unchanged(config, data):
         return skipped(data, parts, config, stages)
-    budget = training.CoreBudget(config.threads, [*config.models, RESCORING])
     opened = open_run.submit(config, data, parts, validated)  # while the models train
-    ahead = score_champion.submit(config, data, parts, budget)  # likewise, on its share of the cores
     try:
-        trained, results = train_and_record(opened, parts, config, budget, stages)
-        return promote_and_publish(opened.result(), data, parts, trained, results, ahead.result(), config, stages)
+        trained, results, champion = train_and_record(opened, parts, config, stages)
+        return promote_and_publish(opened.result(), data, parts, trained, results, champion, config, stages)
     except BaseException as exc:
         if opened.state.is_completed():  # a store that went away cannot close the run: the next run will
             with contextlib.suppress(MfpipeError):
@@ -225,13 +226,14 @@ def retrain(config: Config) -> RunOutcome:
 
 
 def promote_and_publish(ctx: RunContext, data: Interactions, parts: Split, trained: dict[str, training.Trained],
-                        results: list[ModelResult], ahead: promotion.ScoredChampion | None, config: Config,
-                        stages: Stages) -> RunOutcome:  # fmt: skip
-    """Move `champion` if the best recorded candidate earned it (`ahead`: the champion as scored while the
-    models trained), publish, close the run."""
+                        results: list[ModelResult], champion: PrefectFuture[promotion.ScoredChampion | None],
+                        config: Config, stages: Stages) -> RunOutcome:  # fmt: skip
+    """Move `champion` if the best recorded candidate earned it (`champion`: the current one as scored while
+    the last model trained), publish, close the run."""
     report.raise_if_all_failed(results)
     published = publish.submit(ctx, results, parts, config)  # the run's figures, drawn while promotion re-scores
     with stages("promote"):
+        ahead = champion.result()
         decision = promote_best(ctx, results, parts, config, ahead)
         test_ndcg = score_test(ctx, decision, trained, results, parts, config, ahead)
     with stages("tracking"):
