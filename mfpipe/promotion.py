@@ -325,8 +325,8 @@ def rescore(
 class ScoredChampion:
     """A registered version scored on this run's split: all that the comparison needs of it.
 
-    It depends on the version and the split, not on the candidates, so the flow finds it while the models
-    train (`score_current_champion`) and promotion only pairs it with the best candidate.
+    It depends on the version and the split, not on the candidates, so the flow finds it while the last
+    model trains (`score_current_champion`) and promotion only pairs it with the best candidate.
     """
 
     version: str
@@ -346,6 +346,11 @@ def score_champion(name: str, champion: VersionInfo, split: Split, config: Confi
         leaked_pairs(loaded.model, loaded.catalog, split.validation),
         drift_since(champion, loaded.catalog, split.train),
     )
+
+
+def _still(ahead: ScoredChampion | None, version: str) -> ScoredChampion | None:
+    """`ahead` if it scored `version`: another run may have moved `champion` since."""
+    return ahead if ahead is not None and ahead.version == version else None
 
 
 def score_current_champion(store: Store, name: str, split: Split, config: Config) -> ScoredChampion | None:
@@ -404,7 +409,7 @@ def promote_best(
 ) -> Decision:  # fmt: skip
     """Compare this run's best candidate with the champion re-scored on this split; move the aliases.
 
-    `ahead`: the champion as `score_current_champion` found it while the models trained, used if that
+    `ahead`: the champion as `score_current_champion` found it while the last model trained, used if that
     version is still champion. With no finished model nothing moves.
     """
     top = best(results)
@@ -416,8 +421,7 @@ def promote_best(
         evaluation = top.evaluation
 
         def rescore_champion(champion: VersionInfo) -> Rescore:
-            scored = ahead if ahead is not None and ahead.version == champion.version else None
-            scored = scored or score_champion(name, champion, split, config)
+            scored = _still(ahead, champion.version) or score_champion(name, champion, split, config)
             diff, ci95 = compare(evaluation, scored.report, config.seed)
             block = _blocked(champion, scored.leaked, scored.drift, config)
             return Rescore(scored.report.warm["ndcg"].mean, diff, ci95, block, scored.drift)
@@ -437,7 +441,7 @@ def champion_test_score(
     if decision.after_version in mine:
         report = evaluate_model(fitted[mine[decision.after_version]], split, config.k, part="test", seed=config.seed)
     else:
-        kept = ahead if ahead is not None and ahead.version == decision.after_version else None
+        kept = _still(ahead, decision.after_version)
         loaded = kept.loaded if kept else load_version(name, decision.after_version)
         report = rescore(loaded, split, config, part="test")
     return report.warm["ndcg"].mean
