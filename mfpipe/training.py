@@ -31,8 +31,8 @@ LIGHT_MODELS = frozenset({"pop"})
 
 
 class CoreBudget:
-    """The cores of this process shared by the models training at once (thread task runner), and by any
-    other job of the run given a name here (the flow re-scores the champion on its share meanwhile).
+    """The cores of this process shared by the models training at once (thread task runner); a job that is
+    not a model (the champion's re-scoring) takes the share left by name through `evaluation`.
 
     With a process-based runner (Dask) each worker gets its own budget and the split is static.
     """
