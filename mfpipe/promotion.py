@@ -32,8 +32,8 @@ from mfpipe.evaluation import (
     metric_key,
     paired_comparison,
 )
-from mfpipe.models.base import Recommender
-from mfpipe.ranking import top_k_excluding
+from mfpipe.models.base import FactorModel, Recommender
+from mfpipe.ranking import top_k_excluding, top_k_factors
 from mfpipe.report import ModelResult, best
 from mfpipe.split import Split
 from mfpipe.tracking import CHALLENGER, CHAMPION, Store, VersionInfo
@@ -270,7 +270,10 @@ class InThisSplit:
     Over this split's train catalogue only (a train item the model does not know scores -inf: it can never
     be recommended), with this split's train-seen items excluded (not the model's own training history,
     which would waste slots on what users consumed since), for this split's users matched by id; a user
-    the model never saw gets its popularity fallback. Ids are matched as strings.
+    the model never saw gets its popularity fallback. Ids are matched as strings. A factor model's known
+    users are scored and selected block by block (`top_k_factors`) on its item factors reindexed to this
+    catalogue, as the candidates are: gathering full score rows into this catalogue was 4-8x slower (17.5 s
+    against 2.2 s for 44k users at synthetic:10M).
     """
 
     def __init__(self, model: Recommender, catalog: serving.Catalog, train: Interactions) -> None:
@@ -279,6 +282,17 @@ class InThisSplit:
         self.items = catalog.item_index(np.asarray(train.item_ids))
         self.known = np.flatnonzero(self.items >= 0)
         self.seen = train.matrix
+        self.factors = self._factors_in_this_catalogue(model)
+
+    def _factors_in_this_catalogue(self, model: Recommender) -> tuple[np.ndarray, np.ndarray] | None:
+        """A factor model's item vectors and biases reindexed to this catalogue (float32; an item it does not
+        know gets bias -inf); None for another model."""
+        if not isinstance(model, FactorModel):
+            return None
+        theirs = np.clip(self.items, 0, None)
+        vectors = np.ascontiguousarray(model.item_factors[theirs], np.float32)
+        bias = np.where(self.items >= 0, np.asarray(model.item_bias, np.float32)[theirs], np.float32(-np.inf))
+        return vectors, bias
 
     @property
     def n_items(self) -> int:
@@ -286,9 +300,29 @@ class InThisSplit:
         return len(self.items)
 
     def recommend(self, users: np.ndarray, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of this catalogue. A factor model's values are its scores less their per-user constant
+        (SVD's mean and user bias), which ranks alike."""
         users = np.asarray(users, np.int64)
         warm = (users >= 0) & (users < len(self.users))
         theirs = np.where(warm, self.users[np.clip(users, 0, max(len(self.users) - 1, 0))], -1)
+        seen = self.seen if exclude_seen else None
+        if self.factors is None:
+            return self._from_score_rows(users, theirs, k, seen)
+        items = np.full((len(users), k), -1, np.int32)
+        values = np.full((len(users), k), -np.inf, np.float32)
+        known = theirs >= 0
+        if known.any():
+            user_vectors = np.asarray(self.model.user_factors[theirs[known]], np.float32)
+            item_vectors, item_bias = self.factors
+            items[known], values[known] = top_k_factors(user_vectors, item_vectors, k, users[known], seen, item_bias)
+        if not known.all():
+            items[~known], values[~known] = self._from_score_rows(users[~known], theirs[~known], k, seen)
+        return items, values
+
+    def _from_score_rows(
+        self, users: np.ndarray, theirs: np.ndarray, k: int, seen: Any
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The model's full score rows mapped into this catalogue (a user it never saw: its popularity)."""
         own = np.empty((len(users), self.model.n_items), np.float32)
         known_users = theirs >= 0
         own[~known_users] = self.model.popularity
@@ -296,7 +330,8 @@ class InThisSplit:
             own[known_users] = self.model.score(theirs[known_users])
         scores = np.full((len(users), len(self.items)), -np.inf, np.float32)
         scores[:, self.known] = own[:, self.items[self.known]]
-        return top_k_excluding(scores, k, np.where(warm, users, -1), self.seen if exclude_seen else None)
+        warm = (users >= 0) & (users < len(self.users))
+        return top_k_excluding(scores, k, np.where(warm, users, -1), seen)
 
 
 def leaked_pairs(model: Recommender, catalog: serving.Catalog, validation: Interactions) -> int:
