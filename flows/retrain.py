@@ -37,9 +37,6 @@ from mfpipe.recording import RunContext
 from mfpipe.report import ModelResult, RunOutcome, Stages
 from mfpipe.split import Split
 
-#: The name under which the champion's re-scoring takes the cores (`CoreBudget.evaluation`, `score_champion`).
-RESCORING = "champion re-scoring"
-
 
 @task(name="load data", retries=2, retry_delay_seconds=5, retry_condition_fn=_plumbing.retry_on_io,
       cache_key_fn=_plumbing.cache_key("load"), persist_result=True)  # fmt: skip
@@ -97,11 +94,9 @@ def open_run(config: Config, data: Interactions, split: Split, validated: prepar
 
 
 @task(name="score the champion", cache_policy=NO_CACHE)
-def score_champion(ctx: RunContext, split: Split, config: Config, budget: training.CoreBudget
-                   ) -> promotion.ScoredChampion | None:  # fmt: skip
-    """The current champion scored on this split while the last model is recorded, on the cores (all free)."""
-    with budget.evaluation(RESCORING):
-        return promotion.score_current_champion(ctx.store, ctx.registered_model, split, config)
+def score_champion(ctx: RunContext, split: Split, config: Config) -> promotion.ScoredChampion | None:
+    """The current champion scored on this split while the last model is recorded (every core is free)."""
+    return promotion.score_current_champion(ctx.store, ctx.registered_model, split, config)
 
 
 @task(name="record model", task_run_name="record {result.model}", **_plumbing.STORE_TASK)
@@ -182,7 +177,7 @@ def train_and_record(
             logger.warning(f"{name} failed and is left out of promotion: {error}")
         result = report.model_result(name, trained.get(name), evaluation, error, split)
         if last:  # every model is trained and evaluated: the cores are free while this one is recorded
-            champion = score_champion.submit(opened, split, config, budget)
+            champion = score_champion.submit(opened, split, config)
         with stage("tracking"):
             results[name] = record(opened.result(), result, trained.get(name), split, config)
 

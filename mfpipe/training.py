@@ -31,8 +31,7 @@ LIGHT_MODELS = frozenset({"pop"})
 
 
 class CoreBudget:
-    """The cores of this process shared by the models training at once (thread task runner); a job that is
-    not a model (the champion's re-scoring) takes the share left by name through `evaluation`.
+    """The cores of this process shared by the models training at once (thread task runner).
 
     With a process-based runner (Dask) each worker gets its own budget and the split is static.
     """
