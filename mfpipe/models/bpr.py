@@ -174,8 +174,9 @@ class BPR(FactorModel):
         k = self.params.factors
         self.user_factors = aligned_zeros(n_users, k)
         self.item_factors = aligned_zeros(n_items, k)
-        self.user_factors[:] = rng.normal(0.0, self.params.init_std, (n_users, k))
-        self.item_factors[:] = rng.normal(0.0, self.params.init_std, (n_items, k))
+        for factors in (self.user_factors, self.item_factors):  # drawn in float32, in place: no float64 copy
+            rng.standard_normal(dtype=np.float32, out=factors)
+            factors *= np.float32(self.params.init_std)
         self.item_bias = np.zeros(n_items, np.float32)
 
     def _fit(self, train: Interactions) -> None:
