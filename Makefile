@@ -18,11 +18,14 @@ export DO_NOT_TRACK := 1
 setup: $(STAMP)
 
 # Idempotent: re-running installs nothing new; a changed lock or pyproject.toml reinstalls from both locks.
+# Bytecode is compiled here, once: with PYTHONDONTWRITEBYTECODE set (as on this machine) Python would
+# otherwise compile every module from source in every process (`mfpipe run` imports: 5.2 s -> 2.1 s).
 $(STAMP): $(LOCKS) pyproject.toml
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv==0.13.9
 	$(UV) venv --quiet --allow-existing -p $(PYTHON) $(VENV)
-	$(UV) pip install --quiet -p $(VENV) $(addprefix -r ,$(LOCKS))
+	$(UV) pip install --quiet -p $(VENV) --compile-bytecode $(addprefix -r ,$(LOCKS))
 	$(UV) pip install --quiet -p $(VENV) --no-deps -e .
+	$(BIN)/python -m compileall -q mfpipe flows
 	@touch $@
 
 run: setup
