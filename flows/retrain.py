@@ -161,11 +161,8 @@ def train_and_record(
     progress = training.watch(budget, lambda now: logger.info("; ".join(f"{n}: {p}" for n, p in now.items())))
     trained: dict[str, training.Trained] = {}
     results: dict[str, ModelResult] = {}
-    champion: PrefectFuture[promotion.ScoredChampion | None] | None = None
 
-    def finish(future: PrefectFuture[training.Trained], stage: Callable[[str], Any] = _untimed, last: bool = False
-               ) -> None:  # fmt: skip
-        nonlocal champion
+    def evaluated(future: PrefectFuture[training.Trained], stage: Callable[[str], Any] = _untimed) -> ModelResult:
         name, evaluation, error = names[future], None, ""
         try:
             with budget.evaluation(name):  # its cores, until it is evaluated
@@ -175,11 +172,11 @@ def train_and_record(
         except Exception as exc:  # a failing model must not stop the others
             error = one_line(exc)
             logger.warning(f"{name} failed and is left out of promotion: {error}")
-        result = report.model_result(name, trained.get(name), evaluation, error, split)
-        if last:  # every model is trained and evaluated: the cores are free while this one is recorded
-            champion = score_champion.submit(opened, split, config)
+        return report.model_result(name, trained.get(name), evaluation, error, split)
+
+    def recorded(result: ModelResult, stage: Callable[[str], Any] = _untimed) -> None:
         with stage("tracking"):
-            results[name] = record(opened.result(), result, trained.get(name), split, config)
+            results[result.model] = record(opened.result(), result, trained.get(result.model), split, config)
 
     try:
         with _plumbing.task_runner(config, len(config.models)) as runner:
@@ -188,12 +185,13 @@ def train_and_record(
             finished = as_completed(list(names))
             with stages("train"):
                 for future in itertools.islice(finished, len(names) - 1):
-                    finish(future)
+                    recorded(evaluated(future))
                 last = next(finished)
-            finish(last, stages, last=True)
+            result = evaluated(last, stages)
+            champion = score_champion.submit(opened, split, config)  # every core is free: all are evaluated
+            recorded(result, stages)
     finally:
         progress.set()
-    assert champion is not None
     return trained, [results[name] for name in config.models], champion
 
 
