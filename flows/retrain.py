@@ -1,21 +1,16 @@
 """The `retrain` flow: load -> validate -> split -> train every model in parallel -> evaluate -> record -> promote.
 
 Each task is a few lines around one library function. Load, validate and split are cached (key: the data
-spec and files, the config sections they read, the mfpipe version); training never is. Training fans out
-on the configured task runner: threads by default (each model gets a share of the cores), or a Dask
-cluster (`task_runner="dask"`, which needs a Prefect server so that workers can report their task runs).
-The MLflow parent run opens while the models train, and each model is evaluated, registered and recorded
-as soon as it is trained: only the last one to finish waits behind the others. While that one is
-recorded, the current champion is re-scored on this split.
+spec and files, the config sections they read, the mfpipe version); training never is. Models train on the
+configured task runner: threads by default, sharing the cores, or a Dask cluster (which needs a Prefect
+server). The MLflow run opens while they train; each model is evaluated and recorded once trained.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -139,22 +134,14 @@ def publish(ctx: RunContext, results: list[ModelResult], split: Split, config: C
     create_markdown_artifact(report.leaderboard_markdown(results, config.k), key="leaderboard")
 
 
-def _untimed(stage: str) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext()
-
-
 def train_and_record(
     opened: PrefectFuture[RunContext], split: Split, config: Config, stages: Stages
 ) -> tuple[dict[str, training.Trained], list[ModelResult], PrefectFuture[promotion.ScoredChampion | None]]:
-    """One training task per model, all at once, sharing the cores; each model is evaluated and recorded
-    (on the flow's thread, one at a time) as soon as it is trained, while the others still train. Once the
-    last one is evaluated, the current champion is re-scored on this split (`score_champion`) while that
-    model is recorded, which mostly waits on the store. Started with the models, the re-scoring took
-    cores from them: a 10M rerun trained 110 s against 74.
-
-    The stages are the run's critical path: what is evaluated and recorded while a model still trains
-    costs no wall time and counts as training; the last model's evaluation and record are `evaluate`
-    and `tracking`. A failed model is recorded as failed and never stops the others.
+    """One training task per model, all at once, sharing the cores; each model is evaluated and recorded (on
+    the flow's thread) as soon as it is trained, while the others train. Once the last is evaluated, the
+    current champion is re-scored on this split while that model is recorded (started with the models,
+    the re-scoring took their cores: a 10M rerun trained 110 s against 74). The stages are the critical
+    path: what runs while a model still trains counts as training. A failed model never stops the others.
     """
     budget, logger = training.CoreBudget(config.threads, config.models), get_run_logger()
     logger.info(f"Training {', '.join(config.models)} in parallel on {config.threads} core(s), {config.task_runner}")
@@ -162,34 +149,34 @@ def train_and_record(
     trained: dict[str, training.Trained] = {}
     results: dict[str, ModelResult] = {}
 
-    def evaluated(future: PrefectFuture[training.Trained], stage: Callable[[str], Any] = _untimed) -> ModelResult:
+    def evaluated(future: PrefectFuture[training.Trained]) -> ModelResult:
         name, evaluation, error = names[future], None, ""
         try:
             with budget.evaluation(name):  # its cores, until it is evaluated
                 trained[name] = future.result()
-                with stage("evaluate"):
-                    evaluation = evaluate(trained[name], split, config)
+                evaluation = evaluate(trained[name], split, config)
         except Exception as exc:  # a failing model must not stop the others
             error = one_line(exc)
             logger.warning(f"{name} failed and is left out of promotion: {error}")
         return report.model_result(name, trained.get(name), evaluation, error, split)
 
-    def recorded(result: ModelResult, stage: Callable[[str], Any] = _untimed) -> None:
-        with stage("tracking"):
-            results[result.model] = record(opened.result(), result, trained.get(result.model), split, config)
+    def recorded(result: ModelResult) -> None:
+        results[result.model] = record(opened.result(), result, trained.get(result.model), split, config)
 
     try:
         with _plumbing.task_runner(config, len(config.models)) as runner:
             names = {runner.submit(train, {"name": name, "split": split, "config": config, "budget": budget}): name
                      for name in config.models}  # fmt: skip
-            finished = as_completed(list(names))
+            finished = as_completed(list(names))  # yields each future once it is done
             with stages("train"):
                 for future in itertools.islice(finished, len(names) - 1):
                     recorded(evaluated(future))
                 last = next(finished)
-            result = evaluated(last, stages)
-            champion = score_champion.submit(opened, split, config)  # every core is free: all are evaluated
-            recorded(result, stages)
+            with stages("evaluate"):
+                result = evaluated(last)
+            champion = score_champion.submit(opened, split, config)  # every model is evaluated: the cores are free
+            with stages("tracking"):
+                recorded(result)
     finally:
         progress.set()
     return trained, [results[name] for name in config.models], champion
