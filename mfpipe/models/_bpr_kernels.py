@@ -6,9 +6,13 @@ traffic, not arithmetic, limits BPR. So
 - positives are drawn from one contiguous array of pair rows (user, item, first bucket, bucket count):
   one load gives the user, the positive and where the user's membership table lives;
 - each thread runs its own chunk of every epoch of a segment with its own xorshift generator: no atomics,
-  no shared counters, no barrier between epochs. Each draws its positives from every pair row: giving
-  each thread its own share of the users was measured and dropped (synthetic:10M 12.8 -> 15.0 M
-  samples/s on 2 threads, but NDCG@10 on ml-latest-small 0.347 -> 0.339 over six runs of each);
+  no shared counters, no barrier between epochs;
+- each thread draws its positives from its own share of the pair rows, which are in user order: no two
+  threads write one user's row, and each core caches half the users (synthetic:10M on 2 threads: 12.8 ->
+  15.0 M samples/s). Over an epoch every pair is as likely as before; negatives still come from anywhere.
+  NDCG@10 is unchanged: 0.3596 against 0.3603, the mean of two runs x six seeds x random-per-item and
+  random-per-user on ml-latest-small and its ML-100K-shaped cut (`benchmarks/dense_proxy.py`); two seeds
+  alone had suggested a loss, which more seeds did not bear out;
 - the samples are pipelined: the pair slot is drawn three samples ahead and the factor rows, biases
   and the negative's membership bucket two samples ahead, each with a real `llvm.prefetch`, so the misses
   of the next samples overlap the arithmetic of the current one (two ahead rather than one: ~15% more
@@ -312,9 +316,11 @@ def is_seen_many(slots, first, n_buckets, users, items):
 
 # -- sampling -------------------------------------------------------------------------------------
 @njit(inline="always")
-def _draw_slots(state, nnz, n_items, popularity):
-    """Pair slot of the positive, and the negative: an item (uniform) or a pair slot (popularity)."""
-    state, p = _bounded(state, nnz)
+def _draw_slots(state, first_pair, n_own, nnz, n_items, popularity):
+    """Pair slot of the positive (one of the thread's `n_own` rows from `first_pair`), and the negative:
+    an item (uniform) or any pair slot (popularity)."""
+    state, p = _bounded(state, n_own)
+    p += first_pair
     state, q = _bounded(state, nnz if popularity else n_items)
     return state, p, q
 
@@ -332,7 +338,7 @@ def _verified(state, pairs, slots, n_items, popularity, first, n_buckets, j):
     for _ in range(MAX_TRIES):
         if not _is_seen(slots, first, n_buckets, j):
             return state, j
-        state, _, q = _draw_slots(state, nnz, n_items, popularity)
+        state, _, q = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
         j = pairs[q, 1] if popularity else q
     return state, -1
 
@@ -362,7 +368,7 @@ def draw_negatives(pairs, slots, first, n_buckets, n_items, popularity, users, s
     nnz = pairs.shape[0]
     for k in range(len(users)):
         u = users[k]
-        state, _, q = _draw_slots(state, nnz, n_items, popularity)
+        state, _, q = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
         j = pairs[q, 1] if popularity else q
         state, out[k] = _verified(state, pairs, slots, n_items, popularity, first[u], n_buckets[u], j)
     return out
@@ -386,7 +392,7 @@ def _hardest(user_factors, item_factors, item_bias, pairs, slots, n_items, popul
     nnz = pairs.shape[0]
     for c in range(candidates - 1):
         if c > 0:
-            state, _, q = _draw_slots(state, nnz, n_items, popularity)
+            state, _, q = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
             k = pairs[q, 1] if popularity else q
         state, k = _verified(state, pairs, slots, n_items, popularity, first, n_buckets, k)
         if k >= 0:
@@ -458,9 +464,10 @@ def _touch_rows(user_factors, item_factors, u, i, j):
 @njit(fastmath=FASTMATH, cache=True)
 def _run_chunk(
     user_factors, item_factors, item_bias, pairs, slots, n_items, popularity,
-    state, count, lr, reg_user, reg_item, reg_bias, candidates, learn,
+    state, first_pair, n_own, count, lr, reg_user, reg_item, reg_bias, candidates, learn,
 ):  # fmt: skip
-    """`count` pipelined samples of one thread: (state, loss sum, correct, skipped).
+    """`count` pipelined samples of one thread, positives from its own pair rows: (state, loss sum,
+    correct, skipped).
 
     The loss sum is -ln of the product of the sampled sigmoids, kept as a float64 mantissa rescaled by
     LIKELIHOOD_FLOOR when it gets small (one multiply per sample, one log per chunk).
@@ -473,20 +480,20 @@ def _run_chunk(
     correct = 0
     skipped = 0
     sink = np.float32(0.0)
-    state, p, q = _draw_slots(state, nnz, n_items, popularity)
+    state, p, q = _draw_slots(state, first_pair, n_own, nnz, n_items, popularity)
     u1, i1, j1, first1, buckets1 = _resolve(pairs, p, q, popularity)
     _prefetch_rows(user_factors, item_factors, item_bias, slots, first1, buckets1, u1, i1, j1)
-    state, p, q = _draw_slots(state, nnz, n_items, popularity)
+    state, p, q = _draw_slots(state, first_pair, n_own, nnz, n_items, popularity)
     u2, i2, j2, first2, buckets2 = _resolve(pairs, p, q, popularity)
     _prefetch_rows(user_factors, item_factors, item_bias, slots, first2, buckets2, u2, i2, j2)
-    state, p, q = _draw_slots(state, nnz, n_items, popularity)
+    state, p, q = _draw_slots(state, first_pair, n_own, nnz, n_items, popularity)
     _prefetch_pairs(pairs, p, q, popularity)
     k1 = np.int64(0)
     k2 = np.int64(0)
     if candidates > 1 and learn:
-        state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
+        state, _, q2 = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
         k1 = pairs[q2, 1] if popularity else q2
-        state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
+        state, _, q2 = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
         k2 = pairs[q2, 1] if popularity else q2
     for _ in range(count):
         u, i, j, k, first, buckets = u1, i1, j1, k1, first1, buckets1
@@ -494,10 +501,10 @@ def _run_chunk(
         u2, i2, j2, first2, buckets2 = _resolve(pairs, p, q, popularity)
         _prefetch_rows(user_factors, item_factors, item_bias, slots, first2, buckets2, u2, i2, j2)
         if candidates > 1 and learn:
-            state, _, q2 = _draw_slots(state, nnz, n_items, popularity)
+            state, _, q2 = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
             k2 = pairs[q2, 1] if popularity else q2
             _prefetch_rows(user_factors, item_factors, item_bias, slots, first2, buckets2, u2, k2, k2)
-        state, p, q = _draw_slots(state, nnz, n_items, popularity)
+        state, p, q = _draw_slots(state, first_pair, n_own, nnz, n_items, popularity)
         _prefetch_pairs(pairs, p, q, popularity)
         state, j = _verified(state, pairs, slots, n_items, popularity, first, buckets, j)
         if j >= 0 and candidates > 1 and learn:
@@ -536,15 +543,18 @@ def train_epochs(
     """
     n_chunks = states.shape[0]
     n_epochs = learning_rates.shape[0]
+    nnz = pairs.shape[0]
     reg_user, reg_item, reg_bias = np.float32(reg_user), np.float32(reg_item), np.float32(reg_bias)
     for t in prange(n_chunks):
         count = samples_per_epoch // n_chunks + (1 if t < samples_per_epoch % n_chunks else 0)
+        first_pair = nnz * t // n_chunks
+        n_own = nnz * (t + 1) // n_chunks - first_pair
         state = states[t]
         for e in range(n_epochs):
             lr = np.float32(learning_rates[e])
             state, chunk_loss, chunk_correct, chunk_skipped = _run_chunk(
                 user_factors, item_factors, item_bias, pairs, slots, n_items,
-                popularity, state, count, lr, reg_user, reg_item, reg_bias, candidates, learn,
+                popularity, state, first_pair, n_own, count, lr, reg_user, reg_item, reg_bias, candidates, learn,
             )  # fmt: skip
             loss[t, e] = chunk_loss
             correct[t, e] = chunk_correct

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mfpipe.errors import MfpipeError
+from mfpipe.models import _bpr_kernels as kernels
 from mfpipe.models.bpr import BPR, BPRParams, EarlyStopping, HeldOut, Sampler, aligned_zeros
 from mfpipe.models.popularity import Popularity
 from tests.models.conftest import make_interactions, planted
@@ -276,6 +277,33 @@ def test_hogwild_threads_learn_too(small) -> None:
     model = BPR(seed=1, epochs=30, threads=2).fit(small)
     assert model.n_threads == min(2, numba.config.NUMBA_NUM_THREADS)
     assert model.history["epoch_loss"][-1] < 0.7 * model.history["epoch_loss"][0]
+
+
+def test_each_hogwild_chunk_draws_its_positives_from_its_own_share_of_the_users() -> None:
+    """Chunk t samples positives from its slice of the pair rows (sorted by user), so no two threads
+    write one user's row. One triple per epoch lands in chunk 0: its user is always a first-half user,
+    while a single chunk draws users from both halves."""
+    seen = random_seen(40, 30, 5, seed=5)
+    pairs_user = np.repeat(np.arange(40), np.diff(seen.indptr))
+    first_half = set(pairs_user[: len(pairs_user) // 2].tolist())
+    sampler = Sampler(seen, popularity=False)
+
+    def updated_user(n_chunks: int, seed: int) -> int:
+        model = BPR(seed=seed)
+        model.init_state(40, 30)
+        before = model.user_factors.copy()
+        out = np.zeros((n_chunks, 1)), np.zeros((n_chunks, 1), np.int64), np.zeros((n_chunks, 1), np.int64)
+        kernels.train_epochs(
+            model.user_factors, model.item_factors, model.item_bias, sampler.pairs, sampler.slots, 30, False,
+            kernels.thread_states(seed, n_chunks), 1, np.full(1, 0.1, np.float32), 0.0, 0.0, 0.0, 1, True, *out,
+        )  # fmt: skip
+        (changed,) = np.flatnonzero((model.user_factors != before).any(axis=1))
+        return int(changed)
+
+    two_chunks = {updated_user(2, seed) for seed in range(60)}
+    one_chunk = {updated_user(1, seed) for seed in range(60)}
+    assert two_chunks <= first_half and len(two_chunks) > 5
+    assert one_chunk - first_half
 
 
 def test_invalid_params_are_one_line_errors() -> None:
