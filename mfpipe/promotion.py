@@ -305,6 +305,7 @@ class InThisSplit:
         users = np.asarray(users, np.int64)
         warm = (users >= 0) & (users < len(self.users))
         theirs = np.where(warm, self.users[np.clip(users, 0, max(len(self.users) - 1, 0))], -1)
+        users = np.where(warm, users, -1)  # a row past this split's users has no train items to exclude
         seen = self.seen if exclude_seen else None
         if self.factors is None:
             return self._from_score_rows(users, theirs, k, seen)
@@ -322,7 +323,8 @@ class InThisSplit:
     def _from_score_rows(
         self, users: np.ndarray, theirs: np.ndarray, k: int, seen: Any
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """The model's full score rows mapped into this catalogue (a user it never saw: its popularity)."""
+        """The model's full score rows mapped into this catalogue (a user it never saw: its popularity);
+        `users` are rows of this split's seen matrix, -1 for none."""
         own = np.empty((len(users), self.model.n_items), np.float32)
         known_users = theirs >= 0
         own[~known_users] = self.model.popularity
@@ -330,8 +332,7 @@ class InThisSplit:
             own[known_users] = self.model.score(theirs[known_users])
         scores = np.full((len(users), len(self.items)), -np.inf, np.float32)
         scores[:, self.known] = own[:, self.items[self.known]]
-        warm = (users >= 0) & (users < len(self.users))
-        return top_k_excluding(scores, k, np.where(warm, users, -1), seen)
+        return top_k_excluding(scores, k, users, seen)
 
 
 def leaked_pairs(model: Recommender, catalog: serving.Catalog, validation: Interactions) -> int:
@@ -360,8 +361,9 @@ def rescore(
 class ScoredChampion:
     """A registered version scored on this run's split: all that the comparison needs of it.
 
-    It depends on the version and the split, not on the candidates, so the flow finds it while the last
-    model trains (`score_current_champion`) and promotion only pairs it with the best candidate.
+    It depends on the version and the split, not on the candidates, so the flow finds it once every model
+    is evaluated, while the last is recorded (`score_current_champion`), and promotion only pairs it with
+    the best candidate.
     """
 
     version: str
@@ -444,8 +446,8 @@ def promote_best(
 ) -> Decision:  # fmt: skip
     """Compare this run's best candidate with the champion re-scored on this split; move the aliases.
 
-    `ahead`: the champion as `score_current_champion` found it while the last model trained, used if that
-    version is still champion. With no finished model nothing moves.
+    `ahead`: the champion as `score_current_champion` found it while the last model was recorded, used if
+    that version is still champion. With no finished model nothing moves.
     """
     top = best(results)
     with tracking.tracking_errors(store):

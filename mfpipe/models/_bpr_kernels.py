@@ -326,6 +326,13 @@ def _draw_slots(state, first_pair, n_own, nnz, n_items, popularity):
 
 
 @njit(inline="always")
+def _draw_negative(state, pairs, n_items, popularity):
+    """A candidate negative item, as `_draw_slots` draws the negative: uniform, or a pair slot's item."""
+    state, q = _bounded(state, pairs.shape[0] if popularity else n_items)
+    return state, pairs[q, 1] if popularity else q
+
+
+@njit(inline="always")
 def _resolve(pairs, p, q, popularity):
     """(user, positive, candidate negative, user's first bucket, user's bucket count) of the drawn slots."""
     return pairs[p, 0], pairs[p, 1], pairs[q, 1] if popularity else q, pairs[p, 2], pairs[p, 3]
@@ -334,12 +341,10 @@ def _resolve(pairs, p, q, popularity):
 @njit(inline="always")
 def _verified(state, pairs, slots, n_items, popularity, first, n_buckets, j):
     """Redraw the negative until the user has not seen it; -1 after MAX_TRIES (a user who saw nearly all)."""
-    nnz = pairs.shape[0]
     for _ in range(MAX_TRIES):
         if not _is_seen(slots, first, n_buckets, j):
             return state, j
-        state, _, q = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
-        j = pairs[q, 1] if popularity else q
+        state, j = _draw_negative(state, pairs, n_items, popularity)
     return state, -1
 
 
@@ -365,11 +370,9 @@ def _prefetch_rows(user_factors, item_factors, item_bias, slots, first, n_bucket
 def draw_negatives(pairs, slots, first, n_buckets, n_items, popularity, users, state):
     """One verified negative per entry of `users`, drawn exactly as the training loop draws them."""
     out = np.empty(len(users), np.int32)
-    nnz = pairs.shape[0]
     for k in range(len(users)):
         u = users[k]
-        state, _, q = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
-        j = pairs[q, 1] if popularity else q
+        state, j = _draw_negative(state, pairs, n_items, popularity)
         state, out[k] = _verified(state, pairs, slots, n_items, popularity, first[u], n_buckets[u], j)
     return out
 
@@ -389,11 +392,9 @@ def _hardest(user_factors, item_factors, item_bias, pairs, slots, n_items, popul
     negatives (harder negatives, faster convergence). `k` is the second candidate, drawn and prefetched
     two samples ahead; any further ones are drawn here, unprefetched."""
     best = _item_score(user_factors, item_factors, item_bias, u, j)
-    nnz = pairs.shape[0]
     for c in range(candidates - 1):
         if c > 0:
-            state, _, q = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
-            k = pairs[q, 1] if popularity else q
+            state, k = _draw_negative(state, pairs, n_items, popularity)
         state, k = _verified(state, pairs, slots, n_items, popularity, first, n_buckets, k)
         if k >= 0:
             value = _item_score(user_factors, item_factors, item_bias, u, k)
@@ -491,18 +492,15 @@ def _run_chunk(
     k1 = np.int64(0)
     k2 = np.int64(0)
     if candidates > 1 and learn:
-        state, _, q2 = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
-        k1 = pairs[q2, 1] if popularity else q2
-        state, _, q2 = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
-        k2 = pairs[q2, 1] if popularity else q2
+        state, k1 = _draw_negative(state, pairs, n_items, popularity)
+        state, k2 = _draw_negative(state, pairs, n_items, popularity)
     for _ in range(count):
         u, i, j, k, first, buckets = u1, i1, j1, k1, first1, buckets1
         u1, i1, j1, k1, first1, buckets1 = u2, i2, j2, k2, first2, buckets2
         u2, i2, j2, first2, buckets2 = _resolve(pairs, p, q, popularity)
         _prefetch_rows(user_factors, item_factors, item_bias, slots, first2, buckets2, u2, i2, j2)
         if candidates > 1 and learn:
-            state, _, q2 = _draw_slots(state, 0, nnz, nnz, n_items, popularity)
-            k2 = pairs[q2, 1] if popularity else q2
+            state, k2 = _draw_negative(state, pairs, n_items, popularity)
             _prefetch_rows(user_factors, item_factors, item_bias, slots, first2, buckets2, u2, k2, k2)
         state, p, q = _draw_slots(state, first_pair, n_own, nnz, n_items, popularity)
         _prefetch_pairs(pairs, p, q, popularity)
