@@ -30,6 +30,11 @@ def test_bpr_benchmark_on_tiny_data() -> None:
     assert any("timing" in m for m in messages)
 
 
+def test_a_case_can_ask_for_more_rounds_than_the_caller() -> None:
+    result, _ = bpr_benchmark(threads=1, repeats=1, cases=(Case("tiny", "synthetic:2000", 1, 2.0, min_rounds=4),))
+    assert result.details["repeats"] == 4
+
+
 def test_implicit_peer_rows_are_64_floats_and_its_product_is_its_score() -> None:
     data, _ = planted(n_users=30, n_items=20, per_user=5)
     peer = ImplicitBPR(threads=1, epochs=3).fit(data)
