@@ -4,11 +4,14 @@ Same setting on both sides: 64 floats per factor row (implicit stores its item b
 gets `factors=63`; ours has 64 factors and the bias in its own array), the same threads, negatives
 verified unseen on both (`verify_negative_samples=True`), the same number of epochs, where an epoch is
 nnz sampled triples. Each side is timed through a whole `fit` (setup included), medians of >= 3
-interleaved runs (round robin), after a warm-up fit on a small slice that loads or compiles the numba kernels.
-Both are then scored by the same `recommend` + `per_user_metrics` on a random-per-user validation split.
+interleaved runs (round robin, round r with seed + r), after a warm-up fit on a small slice that loads or
+compiles the numba kernels. Every fit is then scored by the same `recommend` + `per_user_metrics` on a
+random-per-user validation split: NDCG@10 is each side's mean over the rounds' seeds.
+Ours draws its positives in runs of consecutive pairs (`positive_run`, its default sampler; the same work
+per sample: one positive, one verified negative, one update), implicit one at a time.
 Two rows per case. The target row runs ours with one verified negative per triple, exactly the peer's
 work per sample, so the ratio measures the kernels. The `defaults` row runs our shipped defaults, which
-draw two candidate negatives per triple and train on the harder one (better NDCG, more work per
+draw three candidate negatives per triple and train on the hardest (better NDCG, more work per
 sample); it has no target. Details give the memory ceiling: our one-candidate sampling loop with the
 arithmetic left out (`Sampler.memory_pass`: same sampling, verification, prefetch and row loads), i.e.
 what memory allows. It is timed in the same round robin as the fits (after `ours` in each round, on its
@@ -117,22 +120,27 @@ def evaluation_users(split: Any, seed: int, limit: int = NDCG_USERS) -> np.ndarr
     return users
 
 
-def round_robin(fns: tuple[Callable[[], Any], ...], repeats: int) -> list[float]:
+def round_robin(fns: tuple[Callable[[int], Any], ...], repeats: int) -> tuple[list[float], list[list[Any]]]:
     """Median wall seconds of each fn, run in turn (a, b, c, a, b, c, ...): drift hits every side alike.
 
+    Each fn gets the round number (its seed offset); what it returns is kept per round, in order.
     `mfpipe.bench.interleaved` for more than two sides (ours, the peer, our defaults, the ceiling).
     """
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, spent in zip(fns, times, strict=True):
+    outputs: list[list[Any]] = [[] for _ in fns]
+    for round_number in range(repeats):
+        for fn, spent, kept in zip(fns, times, outputs, strict=True):
             start = time.perf_counter()
-            fn()
+            kept.append(fn(round_number))
             spent.append(time.perf_counter() - start)
-    return [statistics.median(spent) for spent in times]
+    return [statistics.median(spent) for spent in times], outputs
 
 
 def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable[[str], None]) -> list[BenchResult]:
-    """Time the fits and our memory ceiling interleaved, then the fits' validation NDCG@10."""
+    """Time the fits and our memory ceiling interleaved, then the fits' validation NDCG@10.
+
+    Round r fits every side with seed + r, so NDCG@10 is a mean over `repeats` seeds per side (a single
+    Hogwild fit moves it by more than the sides differ on the short cases)."""
     from mfpipe.config import SplitOptions
     from mfpipe.models.bpr import BPR, Sampler
     from mfpipe.split import split_interactions
@@ -140,48 +148,52 @@ def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable
     report(f"{case.name}: loading and splitting")
     split = split_interactions(load_case_data(case.data, seed), SplitOptions(protocol="random-per-user", seed=seed))
     train = split.train
-    fitted: dict[str, FactorModel] = {}
 
-    def ours() -> None:
-        ours = BPR(threads=threads, seed=seed, epochs=case.epochs, negative_candidates=1, early_stopping=False)
-        fitted["ours"] = ours.fit(train)
+    latest: dict[str, FactorModel] = {}  # the ceiling pass runs on the factors of its round's fit
 
-    def peer() -> None:
-        fitted["peer"] = ImplicitBPR(threads=threads, seed=seed, epochs=case.epochs).fit(train)
+    def ours(r: int) -> FactorModel:
+        model = BPR(threads=threads, seed=seed + r, epochs=case.epochs, negative_candidates=1, early_stopping=False)
+        latest["ours"] = model.fit(train)
+        return model
 
-    def ours_defaults() -> None:
-        fitted["defaults"] = BPR(threads=threads, seed=seed, epochs=case.epochs, early_stopping=False).fit(train)
+    def peer(r: int) -> FactorModel:
+        return ImplicitBPR(threads=threads, seed=seed + r, epochs=case.epochs).fit(train)
+
+    def ours_defaults(r: int) -> FactorModel:
+        return BPR(threads=threads, seed=seed + r, epochs=case.epochs, early_stopping=False).fit(train)
 
     sampler = Sampler(train.matrix, popularity=False)  # what ours samples from (uniform negatives)
 
-    def ceiling_pass() -> None:
-        sampler.memory_pass(fitted["ours"], case.epochs, threads, seed)
+    def ceiling_pass(r: int) -> None:
+        sampler.memory_pass(latest["ours"], case.epochs, threads, seed + r)
 
     BPR(threads=threads, seed=seed, epochs=1).fit(_slice(train))  # JIT compile (or cache load) excluded
     report(
         f"{case.name}: timing {repeats} x ours / implicit / defaults / memory ceiling, "
         f"{case.epochs} epochs x {len(train):,} triples"
     )
-    ours_s, peer_s, defaults_s, ceiling_s = round_robin((ours, peer, ours_defaults, ceiling_pass), repeats)
+    (ours_s, peer_s, defaults_s, ceiling_s), models = round_robin((ours, peer, ours_defaults, ceiling_pass), repeats)
     samples = case.epochs * len(train)
     ceiling = samples / ceiling_s
-    report(f"{case.name}: NDCG@10")
+    report(f"{case.name}: NDCG@10 of {repeats} seeds per side")
     users = evaluation_users(split, seed)
-    ndcg_ours = validation_ndcg(fitted["ours"], split, users)
-    ndcg_peer = validation_ndcg(fitted["peer"], split, users)
-    ndcg_defaults = validation_ndcg(fitted["defaults"], split, users)
+    ndcg_ours, ndcg_peer, ndcg_defaults = (
+        [validation_ndcg(model, split, users) for model in side] for side in models[:3]
+    )  # fmt: skip
     details = {
         "epochs": case.epochs, "train_triples_per_epoch": len(train), "users": train.n_users,
         "items": train.n_items, "threads": threads, "repeats": repeats, "floats_per_row": FACTORS,
         "ours_fit_s": ours_s, "peer_fit_s": peer_s,
         "ceiling_samples_per_s": ceiling, "ours_share_of_ceiling": samples / ours_s / ceiling,
-        "ndcg@10_ours": ndcg_ours, "ndcg@10_peer": ndcg_peer, "ndcg_users": len(users),
-        "ndcg_at_least_peer": ndcg_ours >= ndcg_peer, "negative_candidates": 1,
+        "ndcg@10_ours": statistics.mean(ndcg_ours), "ndcg@10_peer": statistics.mean(ndcg_peer),
+        "ndcg@10_ours_per_seed": ndcg_ours, "ndcg@10_peer_per_seed": ndcg_peer, "ndcg_users": len(users),
+        "ndcg_at_least_peer": statistics.mean(ndcg_ours) >= statistics.mean(ndcg_peer), "negative_candidates": 1,
     }  # fmt: skip
     defaults = {
-        **details, "ours_fit_s": defaults_s, "ndcg@10_ours": ndcg_defaults,
-        "ndcg_at_least_peer": ndcg_defaults >= ndcg_peer, "negative_candidates": "default (2, harder kept)",
-        "ours_share_of_ceiling": samples / defaults_s / ceiling,
+        **details, "ours_fit_s": defaults_s, "ndcg@10_ours": statistics.mean(ndcg_defaults),
+        "ndcg@10_ours_per_seed": ndcg_defaults,
+        "ndcg_at_least_peer": statistics.mean(ndcg_defaults) >= statistics.mean(ndcg_peer),
+        "negative_candidates": "default (3, hardest kept)", "ours_share_of_ceiling": samples / defaults_s / ceiling,
     }  # fmt: skip
     return [
         BenchResult("bpr", case.name, "samples/s", samples / ours_s, samples / peer_s, PEER, case.target, details),

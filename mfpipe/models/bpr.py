@@ -78,6 +78,9 @@ class BPRParams(ModelParams):
     epochs: int = Field(300, ge=1)
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     negative_candidates: int = Field(3, ge=1, le=8)  # >1: keep the highest-scoring (dynamic negative sampling)
+    # Positives in runs of this many consecutive pair rows (mostly one user's): the user's factor row is
+    # loaded once per run, not once per sample (speed; every pair stays equally likely, see _bpr_kernels).
+    positive_run: int = Field(4, ge=1, le=64)
     init_std: float = Field(0.1, gt=0)
     early_stopping: bool = True  # False: exactly `epochs` epochs on every train pair (fixed-epoch benchmarks)
     eval_every: int = Field(5, ge=1)  # epochs between early-stopping evaluations...
@@ -136,7 +139,7 @@ class Sampler:
         kernels.train_epochs(
             model.user_factors, model.item_factors, model.item_bias, self.pairs, self.slots, self.n_items,
             self.popularity, states, len(self.pairs), learning_rates.astype(np.float32), p.reg_user, p.reg_item,
-            p.reg_bias, p.negative_candidates, learn, loss, correct, skipped,
+            p.reg_bias, p.negative_candidates, p.positive_run, learn, loss, correct, skipped,
         )  # fmt: skip
         return loss, correct, skipped
 

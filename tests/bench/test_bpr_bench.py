@@ -25,6 +25,10 @@ def test_bpr_benchmark_on_tiny_data() -> None:
     assert result.peer == pytest.approx(2 * d["train_triples_per_epoch"] / d["peer_fit_s"])
     assert d["ceiling_samples_per_s"] > 0 and 0 <= d["ndcg@10_ours"] <= 1 and 0 <= d["ndcg@10_peer"] <= 1
     assert d["negative_candidates"] == 1  # the target row does the peer's work per sample
+    for side in ("ours", "peer"):  # one fit per round, each with its own seed: NDCG@10 is their mean
+        per_seed = d[f"ndcg@10_{side}_per_seed"]
+        assert len(per_seed) == 3 and d[f"ndcg@10_{side}"] == pytest.approx(np.mean(per_seed))
+    assert d["ndcg_at_least_peer"] == (d["ndcg@10_ours"] >= d["ndcg@10_peer"])
     assert defaults.case == "tiny (defaults)" and defaults.target is None and defaults.peer == result.peer
     assert defaults.ours == pytest.approx(2 * d["train_triples_per_epoch"] / defaults.details["ours_fit_s"])
     assert any("timing" in m for m in messages)

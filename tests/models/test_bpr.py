@@ -279,6 +279,21 @@ def test_hogwild_threads_learn_too(small) -> None:
     assert model.history["epoch_loss"][-1] < 0.7 * model.history["epoch_loss"][0]
 
 
+def updated_users(sampler: Sampler, n_chunks: int, samples: int, positive_run: int, seed: int) -> np.ndarray:
+    """The users whose rows one epoch of `samples` triples changed (no regularisation: only sampled users move)."""
+    n_users, n_items = int(sampler.pairs[-1, 0]) + 1, sampler.n_items
+    model = BPR(seed=seed)
+    model.init_state(n_users, n_items)
+    before = model.user_factors.copy()
+    out = np.zeros((n_chunks, 1)), np.zeros((n_chunks, 1), np.int64), np.zeros((n_chunks, 1), np.int64)
+    kernels.train_epochs(
+        model.user_factors, model.item_factors, model.item_bias, sampler.pairs, sampler.slots, n_items, False,
+        kernels.thread_states(seed, n_chunks), samples, np.full(1, 0.1, np.float32), 0.0, 0.0, 0.0, 1,
+        positive_run, True, *out,
+    )  # fmt: skip
+    return np.flatnonzero((model.user_factors != before).any(axis=1))
+
+
 def test_each_hogwild_chunk_draws_its_positives_from_its_own_share_of_the_users() -> None:
     """Chunk t samples positives from its slice of the pair rows (sorted by user), so no two threads
     write one user's row. One triple per epoch lands in chunk 0: its user is always a first-half user,
@@ -287,23 +302,29 @@ def test_each_hogwild_chunk_draws_its_positives_from_its_own_share_of_the_users(
     pairs_user = np.repeat(np.arange(40), np.diff(seen.indptr))
     first_half = set(pairs_user[: len(pairs_user) // 2].tolist())
     sampler = Sampler(seen, popularity=False)
-
-    def updated_user(n_chunks: int, seed: int) -> int:
-        model = BPR(seed=seed)
-        model.init_state(40, 30)
-        before = model.user_factors.copy()
-        out = np.zeros((n_chunks, 1)), np.zeros((n_chunks, 1), np.int64), np.zeros((n_chunks, 1), np.int64)
-        kernels.train_epochs(
-            model.user_factors, model.item_factors, model.item_bias, sampler.pairs, sampler.slots, 30, False,
-            kernels.thread_states(seed, n_chunks), 1, np.full(1, 0.1, np.float32), 0.0, 0.0, 0.0, 1, True, *out,
-        )  # fmt: skip
-        (changed,) = np.flatnonzero((model.user_factors != before).any(axis=1))
-        return int(changed)
-
-    two_chunks = {updated_user(2, seed) for seed in range(60)}
-    one_chunk = {updated_user(1, seed) for seed in range(60)}
+    two_chunks = {int(updated_users(sampler, 2, 1, 1, seed)[0]) for seed in range(60)}
+    one_chunk = {int(updated_users(sampler, 1, 1, 1, seed)[0]) for seed in range(60)}
     assert two_chunks <= first_half and len(two_chunks) > 5
     assert one_chunk - first_half
+
+
+def is_cyclic_block(users: np.ndarray, n: int, length: int) -> bool:
+    """Are the sorted `users` exactly `length` consecutive ones of 0..n-1, wrapping from n-1 to 0?"""
+    gaps = np.diff(np.concatenate([users, users[:1] + n]))
+    return len(users) == length and sorted(gaps.tolist()) == [1] * (length - 1) + [n - length + 1]
+
+
+def test_positives_come_in_runs_of_consecutive_pairs_from_a_uniform_start() -> None:
+    """One pair per user, so a run of 8 positives moves 8 consecutive users (wrapping at the end of the
+    pairs); single draws do not. Over many seeds every pair joins runs equally often."""
+    sampler = Sampler(random_seen(64, 200, 1, seed=6), popularity=False)
+    counts = np.zeros(64, np.int64)
+    for seed in range(400):
+        users = updated_users(sampler, 1, 8, 8, seed)
+        assert is_cyclic_block(users, 64, 8)
+        counts[users] += 1
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()  # mean 50
+    assert not any(is_cyclic_block(updated_users(sampler, 1, 8, 1, seed), 64, 8) for seed in range(20))
 
 
 def test_invalid_params_are_one_line_errors() -> None:
