@@ -180,19 +180,20 @@ def run_case(case: Case, threads: int, repeats: int, seed: int, report: Callable
     ndcg_ours, ndcg_peer, ndcg_defaults = (
         [validation_ndcg(model, split, users) for model in side] for side in models[:3]
     )  # fmt: skip
+    mean_ours, mean_peer, mean_defaults = map(statistics.mean, (ndcg_ours, ndcg_peer, ndcg_defaults))
     details = {
         "epochs": case.epochs, "train_triples_per_epoch": len(train), "users": train.n_users,
         "items": train.n_items, "threads": threads, "repeats": repeats, "floats_per_row": FACTORS,
         "ours_fit_s": ours_s, "peer_fit_s": peer_s,
         "ceiling_samples_per_s": ceiling, "ours_share_of_ceiling": samples / ours_s / ceiling,
-        "ndcg@10_ours": statistics.mean(ndcg_ours), "ndcg@10_peer": statistics.mean(ndcg_peer),
+        "ndcg@10_ours": mean_ours, "ndcg@10_peer": mean_peer,
         "ndcg@10_ours_per_seed": ndcg_ours, "ndcg@10_peer_per_seed": ndcg_peer, "ndcg_users": len(users),
-        "ndcg_at_least_peer": statistics.mean(ndcg_ours) >= statistics.mean(ndcg_peer), "negative_candidates": 1,
+        "ndcg_at_least_peer": mean_ours >= mean_peer, "negative_candidates": 1,
     }  # fmt: skip
     defaults = {
-        **details, "ours_fit_s": defaults_s, "ndcg@10_ours": statistics.mean(ndcg_defaults),
+        **details, "ours_fit_s": defaults_s, "ndcg@10_ours": mean_defaults,
         "ndcg@10_ours_per_seed": ndcg_defaults,
-        "ndcg_at_least_peer": statistics.mean(ndcg_defaults) >= statistics.mean(ndcg_peer),
+        "ndcg_at_least_peer": mean_defaults >= mean_peer,
         "negative_candidates": "default (3, hardest kept)", "ours_share_of_ceiling": samples / defaults_s / ceiling,
     }  # fmt: skip
     return [

@@ -16,8 +16,9 @@ traffic, not arithmetic, limits BPR. So
 - positives come in runs of `positive_run` consecutive pair rows from a uniform random start (wrapping
   within the thread's share), so every pair is still equally likely, but a run mostly stays with one user:
   their factor row and pair rows are loaded once per run instead of once per sample. The user row is a
-  quarter of a sample's cache lines (synthetic:1M, 2 threads: runs of 8 give ~1.5x the samples/s of
-  single draws, NDCG@10 unchanged; see `BPRParams.positive_run`);
+  quarter of a sample's cache lines. synthetic:1M, 2 threads: runs of 4 (the default) give ~1.3x the
+  samples/s of single draws, with NDCG@10 unchanged over 72 fits of the defaults; runs of 8 gave ~1.5x
+  but lost 0.006-0.008 on the dense proxy, random-per-user (benchmarks/TUNING.md, "positive_run");
 - the samples are pipelined: the pair slot is drawn three samples ahead and the factor rows, biases
   and the negative's membership bucket two samples ahead, each with a real `llvm.prefetch`, so the misses
   of the next samples overlap the arithmetic of the current one (two ahead rather than one: ~15% more
