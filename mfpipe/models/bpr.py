@@ -44,6 +44,8 @@ samples, NDCG@10 on the held-out train pairs (never on validation); the refit's 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import numba
@@ -101,6 +103,17 @@ def aligned_zeros(rows: int, cols: int) -> np.ndarray:
     return buffer[start : start + nbytes].view(np.float32).reshape(rows, cols)
 
 
+@contextmanager
+def numba_threads(n: int) -> Iterator[None]:
+    """numba's parallel loops in this (Python) thread use `n` threads inside the block."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 class Sampler:
     """What the kernels sample from, built once per fit: the pair rows and the membership sets.
 
@@ -149,12 +162,8 @@ class Sampler:
         The same sampling, verification, prefetch and row loads as a one-candidate fit, no update: what
         memory alone allows, the ceiling the BPR benchmark measures the kernel against.
         """
-        previous = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
+        with numba_threads(threads):
             self.epochs(model, kernels.thread_states(seed, threads), np.zeros(epochs, np.float32), learn=False)
-        finally:
-            numba.set_num_threads(previous)
 
 
 class BPR(FactorModel):
@@ -219,24 +228,20 @@ class BPR(FactorModel):
         p = self.params
         states = kernels.thread_states(self.seed, numba.config.NUMBA_NUM_THREADS)
         label = "refit: " if prefix else ""
-        previous = numba.get_num_threads()
         chunk = self.epochs_per_evaluation(len(sampler.pairs))
-        try:
-            epoch = 0
-            while epoch < epochs:
-                n = min(chunk, epochs - epoch)
-                learning_rates = p.learning_rate * p.lr_decay ** np.arange(epoch, epoch + n)
-                n_threads = self.n_threads
-                numba.set_num_threads(n_threads)
-                self._record(epoch, len(sampler.pairs), *sampler.epochs(self, states[:n_threads], learning_rates),
-                             prefix=prefix)  # fmt: skip
-                epoch += n
-                if stopper is not None and stopper.should_stop(epoch):
-                    break
-                if epoch < epochs:
-                    self.check_deadline(f"{label}after epoch {epoch} of {epochs}")
-        finally:
-            numba.set_num_threads(previous)
+        epoch = 0
+        while epoch < epochs:
+            n = min(chunk, epochs - epoch)
+            learning_rates = p.learning_rate * p.lr_decay ** np.arange(epoch, epoch + n)
+            n_threads = self.n_threads
+            with numba_threads(n_threads):
+                sums = sampler.epochs(self, states[:n_threads], learning_rates)
+            self._record(epoch, len(sampler.pairs), *sums, prefix=prefix)
+            epoch += n
+            if stopper is not None and stopper.should_stop(epoch):
+                break
+            if epoch < epochs:
+                self.check_deadline(f"{label}after epoch {epoch} of {epochs}")
 
     def _record(
         self,
