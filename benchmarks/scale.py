@@ -67,6 +67,8 @@ class Samples:
     def window(self, start: float, end: float) -> tuple[int, int, float]:
         """Peak RSS, peak tree PSS and CPU seconds spent between `start` and `end` (monotonic seconds)."""
         idx = [i for i, t in enumerate(self.times) if start <= t <= end]
+        if not idx:  # a window shorter than the sampling interval: the last sample before its end
+            idx = [i for i, t in enumerate(self.times) if t <= end][-1:]
         if not idx:
             return 0, 0, 0.0
         return max(self.rss[i] for i in idx), max(self.tree_pss[i] for i in idx), self.cpu[idx[-1]] - self.cpu[idx[0]]
@@ -189,7 +191,7 @@ def run(size: str, workdir: Path, models: str | None, extra: list[str], interval
     stages: dict[str, dict[str, float]] = {}
     start = marks.get("begin", samples.times[0] if samples.times else 0.0)
     for stage in ("load", "validate", "split", "train", "evaluate", "tracking"):
-        end = marks.get(stage, start)
+        end = max(marks.get(stage, start), start)  # split runs beside validation and may end first
         peak, tree_peak, cpu = samples.window(start, end)
         stages[stage] = {"window_seconds": round(end - start, 1), "peak_rss_gib": round(peak / GIB, 2),
                          "peak_tree_pss_gib": round(tree_peak / GIB, 2), "cpu_seconds": round(cpu, 1)}  # fmt: skip

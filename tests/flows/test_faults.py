@@ -41,6 +41,39 @@ def test_bad_data_fails_the_flow_run_with_its_reason_and_writes_nothing(store, t
     assert tracking.open_store(store).client().search_registered_models() == []
 
 
+def _task_states(flow_state) -> dict[str, str]:
+    """Task name -> final state type of every task run of a finished flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return {t.name.rsplit("-", 1)[0]: t.state_type.value for t in client.read_task_runs(flow_run_filter=runs)}
+
+
+def test_data_that_fails_validation_and_splitting_reports_validation_and_no_failed_task(store, tmp_path):
+    """The split runs beside validation; on data it cannot split either (a missing user id) the run still
+    fails with validation's one message, and the split task ends quietly instead of failing on its own."""
+    bad = tmp_path / "ratings.csv"
+    rows = [f"{'' if i == 7 else f'u{i % 30}'},i{i % 50},4,{1_500_000_000 + i}" for i in range(600)]
+    bad.write_text("user_id,item_id,rating,timestamp\n" + "\n".join(rows) + "\n")
+    state = retrain(config(store, data=str(bad)), return_state=True)
+    assert state.is_failed() and "validation failed" in state.message and "user ids missing" in state.message
+    assert _task_states(state)["split"] == "COMPLETED"
+    assert tracking.open_store(store).client().search_registered_models() == []
+
+
+def test_a_split_that_fails_on_valid_data_fails_the_run_with_its_message(store, monkeypatch):
+    def unsplittable(frame, config):
+        raise MfpipeError("synthetic:20000: no interaction is later than the cutoff")
+
+    monkeypatch.setattr(prepare, "split", unsplittable)
+    unique = {"cutoff_quantile": 0.77}  # a split setting no other test uses: never a cached split
+    state = retrain(config(store, split=unique), return_state=True)
+    assert state.is_failed() and "no interaction is later than the cutoff" in state.message
+    assert tracking.open_store(store).client().search_registered_models() == []
+
+
 def test_each_kind_of_model_failure_leaves_the_others_to_promote(store, monkeypatch):
     from mfpipe.models import svd
 
