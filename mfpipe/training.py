@@ -21,6 +21,7 @@ import numba
 from mfpipe.config import Config
 from mfpipe.models import create
 from mfpipe.models.base import Recommender
+from mfpipe.parallel import numba_threads
 from mfpipe.split import Split
 
 if TYPE_CHECKING:  # Optuna takes a second to import: only a search needs it
@@ -64,12 +65,10 @@ class CoreBudget:
         An evaluation on every core while others still train oversubscribed them: at synthetic:32M,
         training and evaluation took 449 s together against 364 s one after the other.
         """
-        previous = numba.get_num_threads()
-        numba.set_num_threads(min(self.share(), numba.config.NUMBA_NUM_THREADS))
         try:
-            yield
+            with numba_threads(min(self.share(), numba.config.NUMBA_NUM_THREADS)):
+                yield
         finally:
-            numba.set_num_threads(previous)
             self.finish(name)
 
     def finish(self, name: str) -> None:

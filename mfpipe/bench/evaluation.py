@@ -59,13 +59,11 @@ def evaluation_benchmark(
     """Median seconds of ours vs implicit's ranking_metrics_at_k (>= 3 interleaved runs, JIT excluded)."""
     import numba
 
+    from mfpipe.parallel import numba_threads
+
     threads = threads or numba.config.NUMBA_NUM_THREADS
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
+    with numba_threads(threads):
         return _compare(n_users, n_items, per_user, factors, k, max(3, repeats), threads, report)
-    finally:
-        numba.set_num_threads(previous)
 
 
 def _compare(

@@ -44,8 +44,6 @@ samples, NDCG@10 on the held-out train pairs (never on validation); the refit's 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 import numba
@@ -57,6 +55,7 @@ from mfpipe.data.interactions import Interactions
 from mfpipe.errors import MfpipeError
 from mfpipe.models import _bpr_kernels as kernels
 from mfpipe.models.base import FactorModel, ModelParams
+from mfpipe.parallel import numba_threads
 
 CACHE_LINE_BYTES = 64
 
@@ -101,17 +100,6 @@ def aligned_zeros(rows: int, cols: int) -> np.ndarray:
     buffer = np.zeros(nbytes + CACHE_LINE_BYTES, np.uint8)
     start = -buffer.ctypes.data % CACHE_LINE_BYTES
     return buffer[start : start + nbytes].view(np.float32).reshape(rows, cols)
-
-
-@contextmanager
-def numba_threads(n: int) -> Iterator[None]:
-    """numba's parallel loops in this (Python) thread use `n` threads inside the block."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
 
 
 class Sampler:
